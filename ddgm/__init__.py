@@ -1,0 +1,1 @@
+"""ddgm: diffusion-based deep generative models as hierarchical VAEs with a fixed Gaussian diffusion."""
