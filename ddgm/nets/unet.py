@@ -1,0 +1,218 @@
+"""DDPM-style U-Net (Ho et al. 2020) for small square images, conditioned on the timestep."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddgm.nets.embedding import check_int, timestep_embedding
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set all parameters of ``module`` to zero and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block: ``skip(x) + conv2(drop(SiLU(GN(conv1(SiLU(GN(x))) + proj(temb)))))``.
+
+    The time embedding enters as a per-channel bias after ``conv1``; ``conv2`` starts at zero,
+    so the block is the (1x1 conv) skip path at initialisation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, C_in, H, W], ``temb`` [B, time_dim] (already SiLU-activated) -> [B, C_out, H, W]."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions: ``x + proj(attn(GN(x)))``, proj zero-initialised."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, C, H, W] -> [B, C, H, W]."""
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, HW, C], softmax(q k^T / sqrt(C)) v
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Timestep-conditioned U-Net ``[B, in_channels, S, S] -> [B, out_channels, S, S]``.
+
+    Level i (of ``len(channel_mults)``) works at resolution ``S / 2**i`` with
+    ``base_channels * channel_mults[i]`` channels. The encoder has ``num_res_blocks`` residual
+    blocks per level and a stride-2 conv between levels; the decoder has ``num_res_blocks + 1``
+    blocks per level, each fed the concatenation with one stored encoder activation, and
+    nearest + conv upsampling between levels. The middle block is res -> attention -> res.
+    With ``attention=True``, single-head self-attention follows every residual block at the
+    lowest resolution and sits in the middle block; with ``attention=False`` there is none.
+    The timestep goes through a sinusoidal embedding (``base_channels`` features) and
+    Linear -> SiLU -> Linear to ``4 * base_channels`` features, added inside every residual
+    block. Output: GroupNorm -> SiLU -> zero-initialised 3x3 conv, so the network outputs 0
+    at initialisation. ``norm_groups`` must divide every level's channel count (it is checked,
+    not adjusted).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        base_channels: int = 32,
+        channel_mults: tuple[int, ...] = (1, 2),
+        num_res_blocks: int = 2,
+        attention: bool = True,
+        dropout: float = 0.0,
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        if type(in_channels) is not int or in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        check_int("out_channels", out_channels, 1)
+        check_int("image_size", image_size, 8)
+        if image_size > 64:
+            raise ValueError(f"image_size must be in [8, 64], got {image_size!r}")
+        check_int("base_channels", base_channels, 1)
+        channel_mults = tuple(channel_mults)
+        if not channel_mults:
+            raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {channel_mults!r}")
+        for mult in channel_mults:
+            check_int("each of channel_mults", mult, 1)
+        check_int("num_res_blocks", num_res_blocks, 1)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_int("norm_groups", norm_groups, 1)
+        factor = 2 ** (len(channel_mults) - 1)
+        if image_size % factor or image_size // factor < 2:
+            raise ValueError(
+                f"image_size must be divisible by 2**(len(channel_mults)-1) = {factor} with lowest "
+                f"resolution >= 2, got image_size={image_size} and channel_mults={channel_mults}"
+            )
+        channels = [base_channels * mult for mult in channel_mults]
+        bad = [c for c in channels if c % norm_groups]
+        if bad:
+            raise ValueError(
+                f"norm_groups={norm_groups} must divide every channel count "
+                f"base_channels * channel_mults = {channels}; it does not divide {bad}"
+            )
+
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.base_channels = base_channels
+        time_dim = 4 * base_channels
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, time_dim),
+            nn.SiLU(),
+            nn.Linear(time_dim, time_dim),
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, time_dim, dropout, norm_groups)
+
+        def attn_or_identity(c: int, lowest: bool) -> nn.Module:
+            return AttentionBlock(c, norm_groups) if attention and lowest else nn.Identity()
+
+        last = len(channels) - 1
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        ch = base_channels
+        for level, c in enumerate(channels):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([res(ch, c), attn_or_identity(c, level == last)]))
+                ch = c
+                skip_channels.append(ch)
+            if level != last:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+
+        self.mid_res1 = res(ch, ch)
+        self.mid_attn = attn_or_identity(ch, True)
+        self.mid_res2 = res(ch, ch)
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(channels))):
+            c = channels[level]
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([res(ch + skip_channels.pop(), c), attn_or_identity(c, level == last)]))
+                ch = c
+            if level != 0:
+                self.up.append(Upsample(ch))
+
+        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict [B, out_channels, S, S] from images ``x`` [B, in_channels, S, S] at timesteps ``t`` [B]."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[0],):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"t must have shape [{x.shape[0]}], got {got}")
+        temb = F.silu(self.time_mlp(timestep_embedding(t, self.base_channels).to(x.dtype)))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            if isinstance(block, Downsample):
+                h = block(h)
+            else:
+                resblock, attn = block
+                h = attn(resblock(h, temb))
+            skips.append(h)
+
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb)), temb)
+
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h)
+            else:
+                resblock, attn = block
+                h = attn(resblock(torch.cat([h, skips.pop()], dim=1), temb))
+
+        return self.conv_out(F.silu(self.norm_out(h)))
