@@ -1,0 +1,103 @@
+"""Training objectives. Each returns a per-example loss [B] and the per-example terms it saw.
+
+Negative ELBO (nats) = L_T + sum_{t=2..T} L_{t-1} + L_0   (see ddgm.models.base.DDGM.loss_terms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddgm.models.base import DDGM
+from ddgm.models.epsilon import EpsilonDDGM
+from ddgm.timestep_sampler import UniformSampler
+
+OBJECTIVES = ("full_elbo", "random_t_elbo", "simple", "hybrid")
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: what to minimise, per example; t and terms: the timesteps drawn and L_{t-1} at them
+    (for the importance sampler and logging; empty for the full ELBO)."""
+
+    loss: torch.Tensor
+    t: torch.Tensor | None = None
+    terms: torch.Tensor | None = None
+
+
+def full_elbo(model: DDGM, x: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveOutput:
+    """-ELBO with every term at once, the article's way: one forward chain z_1..z_T of x, then
+    L_T + sum_t L_{t-1}(z_t). Memory grows with T."""
+    latents = model.diffusion.forward_chain(x, generator)
+    batch = x.shape[0]
+    t = torch.arange(1, model.num_steps + 1, device=x.device).repeat_interleave(batch)
+    terms = model.loss_terms(x.repeat(model.num_steps, 1, 1, 1), torch.cat(latents), t)
+    return ObjectiveOutput(model.diffusion.prior_kl(x) + terms.view(model.num_steps, batch).sum(0))
+
+
+def _draw(model: DDGM, x: torch.Tensor, sampler: UniformSampler, generator: torch.Generator | None):
+    t, weights = sampler.sample(x.shape[0], device=x.device, generator=generator)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return t, weights, noise, model.diffusion.q_sample(x, t, noise)
+
+
+def random_t_elbo(
+    model: DDGM, x: torch.Tensor, sampler: UniformSampler, generator: torch.Generator | None = None
+) -> ObjectiveOutput:
+    """Unbiased -ELBO estimate with one level per example: L_T + L_{t-1} / p(t), t ~ p
+    (= L_T + T L_{t-1} for uniform t). Memory does not grow with T."""
+    t, weights, _, z_t = _draw(model, x, sampler, generator)
+    terms = model.loss_terms(x, z_t, t)
+    return ObjectiveOutput(model.diffusion.prior_kl(x) + model.num_steps * weights * terms, t, terms)
+
+
+def simple_loss(
+    model: EpsilonDDGM, x: torch.Tensor, sampler: UniformSampler, generator: torch.Generator | None = None
+) -> ObjectiveOutput:
+    """L_simple = mean over dimensions of ||eps - eps_theta(sqrt(abar_t) x + sqrt(1-abar_t) eps, t)||^2."""
+    t, _, noise, z_t = _draw(model, x, sampler, generator)
+    eps, _ = model.network_output(z_t, t)
+    return ObjectiveOutput(((noise - eps) ** 2).flatten(1).mean(1), t)
+
+
+def hybrid_loss(
+    model: EpsilonDDGM,
+    x: torch.Tensor,
+    sampler: UniformSampler,
+    generator: torch.Generator | None = None,
+    vlb_weight: float = 0.001,
+) -> ObjectiveOutput:
+    """L_simple + lambda * L_vlb (Nichol & Dhariwal 2021), L_vlb = T L_{t-1} / p(t)-weighted, per
+    dimension, with the mean detached so the VLB part only trains the learned variance."""
+    t, weights, noise, z_t = _draw(model, x, sampler, generator)
+    eps, interp = model.network_output(z_t, t)
+    mean, log_var = model.mean_logvar_from_output(z_t, t, eps.detach(), interp)
+    terms = model.terms_from_mean_logvar(x, z_t, t, mean, log_var)
+    vlb = model.num_steps * weights * terms / x[0].numel()
+    return ObjectiveOutput(((noise - eps) ** 2).flatten(1).mean(1) + vlb_weight * vlb, t, terms)
+
+
+def compute_objective(
+    name: str,
+    model: DDGM,
+    x: torch.Tensor,
+    sampler: UniformSampler,
+    generator: torch.Generator | None = None,
+    vlb_weight: float = 0.001,
+) -> ObjectiveOutput:
+    """Dispatch on the objective's name; L_simple and hybrid need an epsilon model."""
+    model.check_input(x)
+    if name == "full_elbo":
+        return full_elbo(model, x, generator)
+    if name == "random_t_elbo":
+        return random_t_elbo(model, x, sampler, generator)
+    if name in ("simple", "hybrid"):
+        if not isinstance(model, EpsilonDDGM):
+            raise ValueError(f"objective {name!r} needs the epsilon formulation, got {model.config.formulation!r}")
+        if name == "simple":
+            return simple_loss(model, x, sampler, generator)
+        if not model.learned_variance:
+            raise ValueError("objective 'hybrid' trains a learned variance: set variance to 'learned_range'")
+        return hybrid_loss(model, x, sampler, generator, vlb_weight)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
