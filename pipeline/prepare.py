@@ -1,0 +1,30 @@
+"""DVC stage ``prepare``: build train/val/test shards and manifest.json from params.yaml's ``data:``.
+
+Usage: python -m pipeline.prepare [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ddgm.data.params import load_data_params
+from ddgm.data.prepare import prepare_dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="YAML file with a 'data:' section")
+    args = parser.parse_args(argv)
+    params = load_data_params(args.params)
+    manifest = prepare_dataset(params)
+    counts = " ".join(f"{split}={n}" for split, n in manifest.splits.items())
+    num_shards = sum(len(s) for s in manifest.shards.values())
+    c, h, w = manifest.image_shape
+    print(
+        f"prepared {params.source}: {counts} ({num_shards} shards), images {c}x{h}x{w}, "
+        f"K={manifest.num_levels}, skipped {len(manifest.skipped)} bad file(s) -> {params.out_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main()
