@@ -1,0 +1,24 @@
+"""Data side of the pipeline: sources -> sharded webdataset + manifest -> training/evaluation loaders."""
+
+from ddgm.data.errors import DataError
+from ddgm.data.loader import EvalLoader, TrainLoader, eval_batches, load_split
+from ddgm.data.manifest import Manifest, manifest_hash, read_manifest, shard_urls
+from ddgm.data.params import DataParams, load_data_params
+from ddgm.data.prepare import prepare_dataset
+from ddgm.data.shards import verify_shards
+
+__all__ = [
+    "DataError",
+    "DataParams",
+    "EvalLoader",
+    "Manifest",
+    "TrainLoader",
+    "eval_batches",
+    "load_data_params",
+    "load_split",
+    "manifest_hash",
+    "prepare_dataset",
+    "read_manifest",
+    "shard_urls",
+    "verify_shards",
+]
