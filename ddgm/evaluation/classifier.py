@@ -179,7 +179,8 @@ def train_classifier(
     x = levels_to_unit(images, num_levels)
     y = labels.to(device=device, dtype=torch.int64)
     steps_per_epoch = -(-x.shape[0] // batch_size)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda_devices = range(torch.cuda.device_count()) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)  # parameter initialisation and dropout
         generator = torch.Generator().manual_seed(seed)  # shuffling and shifts
         model = FeatureClassifier(images.shape[1], images.shape[2], num_classes).to(device)
