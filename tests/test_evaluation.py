@@ -1,0 +1,200 @@
+"""Sample-quality evaluation on the bundled sklearn 8x8 digits (K = 17): train 1000 / val 350 / test 447."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from ddgm.evaluation import (
+    FeatureClassifier,
+    PixelCategorical,
+    accuracy,
+    frechet_distance,
+    inception_score,
+    nearest_neighbour_distance,
+    train_classifier,
+    uniform_bits_per_dim,
+)
+from ddgm.evaluation.classifier import random_shift
+
+K = 17
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, torch.Tensor]:
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.uint8).unsqueeze(1)  # [1797, 1, 8, 8], levels 0..16
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    return {
+        "train": images[:1000],
+        "train_y": labels[:1000],
+        "val": images[1000:1350],
+        "val_y": labels[1000:1350],
+        "test": images[1350:],
+        "test_y": labels[1350:],
+    }
+
+
+@pytest.fixture(scope="module")
+def classifier(digits) -> FeatureClassifier:
+    return train_classifier(digits["train"], digits["train_y"], K, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fakes(digits) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    n = digits["test"].shape[0]
+    return {
+        "pixel": PixelCategorical.fit(digits["train"], K).sample(n, generator),
+        "noise": torch.randint(0, K, (n, 1, 8, 8), generator=generator).to(torch.uint8),
+    }
+
+
+# classifier
+
+
+def test_classifier_accuracy_on_held_out_digits(classifier, digits):
+    assert accuracy(classifier, digits["test"], digits["test_y"], K) > 0.90
+    assert not classifier.training
+
+
+def test_classifier_shapes(classifier):
+    x = torch.zeros(5, 1, 8, 8)
+    assert classifier(x).shape == (5, 10)
+    assert classifier.features(x).shape == (5, 64)
+    with pytest.raises(ValueError, match="x_unit"):
+        classifier.features(torch.zeros(5, 1, 9, 9))
+
+
+def test_training_is_deterministic_and_keeps_global_rng(digits):
+    state = torch.get_rng_state()
+    first, second = (
+        train_classifier(digits["train"][:200], digits["train_y"][:200], K, epochs=1, seed=3) for _ in range(2)
+    )
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_validation_selection_runs(digits):
+    model = train_classifier(
+        digits["train"][:200], digits["train_y"][:200], K, num_classes=10, epochs=2,
+        val_images=digits["val"], val_labels=digits["val_y"],
+    )
+    assert model.num_classes == 10
+
+
+def test_random_shift_moves_content_by_at_most_one_pixel():
+    x = -torch.ones(64, 1, 6, 6)
+    x[:, :, 2:4, 2:4] = 1.0
+    shifted = random_shift(x, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # the blob never leaves the image
+    assert not torch.equal(shifted, x)
+    assert torch.equal(shifted[:, :, 1:5, 1:5].sum(dim=(1, 2, 3)), x[:, :, 1:5, 1:5].sum(dim=(1, 2, 3)))
+
+
+# Frechet distance
+
+
+def test_frechet_distance_of_a_set_to_itself_is_zero(classifier, digits):
+    assert frechet_distance(classifier, digits["test"], digits["test"], K) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_ranks_real_pixel_model_and_noise(classifier, digits, fakes):
+    real = frechet_distance(classifier, digits["val"], digits["test"], K)
+    pixel = frechet_distance(classifier, fakes["pixel"], digits["test"], K)
+    noise = frechet_distance(classifier, fakes["noise"], digits["test"], K)
+    assert 0.0 < real and 4 * real < pixel and 1.25 * pixel < noise
+
+
+def test_frechet_distance_is_symmetric_and_non_negative(classifier, digits, fakes):
+    for fake in (digits["val"], fakes["pixel"], fakes["noise"]):
+        forward = frechet_distance(classifier, fake, digits["test"], K)
+        backward = frechet_distance(classifier, digits["test"], fake, K)
+        assert forward >= 0.0 and backward >= 0.0
+        assert forward == pytest.approx(backward, rel=1e-6)
+
+
+# Inception Score and memorisation
+
+
+def test_inception_score_of_real_digits_beats_noise(classifier, digits, fakes):
+    real = inception_score(classifier, digits["test"], K)
+    noise = inception_score(classifier, fakes["noise"], K)
+    assert 1.0 <= noise < real <= 10.0
+    assert 1.0 <= inception_score(classifier, digits["test"], K, splits=5) <= 10.0
+
+
+def test_inception_score_of_one_repeated_image_is_one(classifier, digits):
+    copies = digits["test"][:1].expand(20, -1, -1, -1)
+    assert inception_score(classifier, copies, K) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_nearest_neighbour_distance_detects_copies(digits):
+    assert nearest_neighbour_distance(digits["train"][:100], digits["train"], K) == 0.0
+    assert nearest_neighbour_distance(digits["test"], digits["train"], K) > 0.0
+
+
+def test_nearest_neighbour_distance_value():
+    train = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    samples = torch.full((2, 1, 4, 4), K - 1, dtype=torch.uint8)  # every pixel 2 away in [-1, 1]
+    assert nearest_neighbour_distance(samples, train, K) == pytest.approx(2.0 * math.sqrt(16))
+
+
+# likelihood baselines
+
+
+def test_pixel_categorical_bits_per_dim_on_digits(digits):
+    model = PixelCategorical.fit(digits["train"], K, alpha=1.0)
+    assert 2.3 < model.log_prob_bits_per_dim(digits["test"]) < 2.5  # measured 2.400
+    assert uniform_bits_per_dim(K) == pytest.approx(4.0875, abs=1e-4)
+
+
+def test_uniform_pixel_categorical_matches_uniform_bits():
+    model = PixelCategorical(torch.full((1, 2, 2, K), 1.0 / K))
+    levels = torch.randint(0, K, (7, 1, 2, 2), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    assert model.log_prob_bits_per_dim(levels) == pytest.approx(math.log2(K))
+
+
+def test_pixel_categorical_samples_follow_fitted_frequencies(digits):
+    model = PixelCategorical.fit(digits["train"], K)
+    samples = model.sample(4000, torch.Generator().manual_seed(1))
+    again = model.sample(4000, torch.Generator().manual_seed(1))
+    assert samples.dtype == torch.uint8 and samples.shape == (4000, 1, 8, 8)
+    assert torch.equal(samples, again)
+    frequencies = torch.nn.functional.one_hot(samples.long(), K).double().mean(dim=0)
+    assert (frequencies - model.probs).abs().max() < 0.05
+
+
+# bad input
+
+
+BAD_CALLS = {
+    "float images": lambda c, d: accuracy(c, d["test"].float(), d["test_y"], K),
+    "label count": lambda c, d: accuracy(c, d["test"], d["test_y"][:-1], K),
+    "levels above K-1": lambda c, d: accuracy(c, d["test"], d["test_y"], 4),
+    "fid image shape": lambda c, d: frechet_distance(c, d["test"][:, :, :7], d["test"], K),
+    "fid single image": lambda c, d: frechet_distance(c, d["test"][:1], d["test"], K),
+    "is splits": lambda c, d: inception_score(c, d["test"], K, splits=0),
+    "is 3-d": lambda c, d: inception_score(c, d["test"][0], K),
+    "nn shapes": lambda c, d: nearest_neighbour_distance(d["test"], d["train"][:, :, :4], K),
+    "num_classes too small": lambda c, d: train_classifier(d["test"], d["test_y"], K, num_classes=5),
+    "val labels missing": lambda c, d: train_classifier(d["test"], d["test_y"], K, val_images=d["val"]),
+    "epochs": lambda c, d: train_classifier(d["test"], d["test_y"], K, epochs=0),
+    "alpha": lambda c, d: PixelCategorical.fit(d["test"], K, alpha=0.0),
+    "K < 2": lambda c, d: PixelCategorical.fit(d["test"], 1),
+    "probs sum": lambda c, d: PixelCategorical(torch.full((1, 2, 2, K), 0.5)),
+    "bits shape": lambda c, d: PixelCategorical.fit(d["test"], K).log_prob_bits_per_dim(d["test"][:, :, :4]),
+    "sample n": lambda c, d: PixelCategorical.fit(d["test"], K).sample(0, torch.Generator()),
+    "num_classes": lambda c, d: FeatureClassifier(1, 8, num_classes=1),
+}
+
+
+@pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_inputs_raise_value_error(call, classifier, digits):
+    with pytest.raises(ValueError):
+        call(classifier, digits)
