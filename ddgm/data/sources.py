@@ -98,12 +98,13 @@ def _check_images_array(path: Path, images: np.ndarray) -> np.ndarray:
         raise DataError(f"images in {path} must have shape (N, H, W) or (N, H, W, C), found shape {images.shape}")
     if images.dtype != np.uint8:
         raise DataError(f"images in {path} must have dtype uint8 (levels 0..255), found {images.dtype}")
+    shape = images.shape
     if images.ndim == 3:
         images = images[:, :, :, None]
     if images.shape[3] not in (1, 3):
-        raise DataError(f"images in {path} must have 1 or 3 channels on the last axis, found shape {images.shape}")
-    if images.shape[0] == 0 or 0 in images.shape[1:3]:
-        raise DataError(f"array file {path} holds no images (shape {images.shape}); expected N, H, W >= 1")
+        raise DataError(f"images in {path} must have 1 or 3 channels on the last axis, found shape {shape}")
+    if 0 in images.shape[:3]:
+        raise DataError(f"array file {path} holds no images (shape {shape}); expected N, H, W >= 1")
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
