@@ -14,6 +14,12 @@ from ddgm.config import ModelConfig
 from ddgm.models import DDGM, build_model
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call write(tmp_path) on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
@@ -22,6 +28,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

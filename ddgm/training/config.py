@@ -1,0 +1,176 @@
+"""Training, model and tracking parameters read from params.yaml, validated before any work.
+
+Sections: ``diffusion`` (schedule), ``model`` (formulation, network, variance, decoder),
+``train`` (objective, optimisation, validation, checkpoints) and ``tracking`` (MLflow).
+OmegaConf merges each section onto a typed schema, so an unknown key or a wrong type is an
+error that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.objectives import OBJECTIVES
+from ddgm.timestep_sampler import TIMESTEP_SAMPLERS
+
+OPTIMIZERS = ("adamw", "adamax")
+LR_DECAYS = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class DiffusionParams:
+    schedule: str = "linear"
+    num_steps: int = 1000
+    beta: Optional[float] = None  # constant schedule
+    beta_start: Optional[float] = None  # linear schedule
+    beta_end: Optional[float] = None
+    offset: Optional[float] = None  # cosine schedule
+    max_beta: Optional[float] = None
+
+
+@dataclass
+class ModelParams:
+    formulation: str = "epsilon"
+    network: str = "unet"
+    variance: str = "fixed_large"
+    decoder: str = "discretized"
+    hidden_dim: int = 256
+    depth: int = 3
+    base_channels: int = 32
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 2
+    attention: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainParams:
+    objective: str = "random_t_elbo"
+    timestep_sampler: str = "uniform"
+    vlb_weight: float = 0.001
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_steps: int = 2000
+    batch_size: int = 128  # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    seed: int = 0
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    val_every: int = 500
+    val_batch_size: int = 64
+    val_chunk: int = 50
+    val_max_images: Optional[int] = None
+    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 25
+    shards: str = "data/shards"
+    model_dir: str = "models"
+    checkpoint_dir: str = "checkpoints"
+    curve_file: str = "plots/val_curve.tsv"
+
+
+@dataclass
+class TrackingParams:
+    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "ddgm"
+    run_name: Optional[str] = None
+    enabled: bool = True
+
+
+@dataclass
+class PipelineParams:
+    """The sections of params.yaml that training reads."""
+
+    diffusion: DiffusionParams = field(default_factory=DiffusionParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+
+def load_params(path: str | Path, sections: tuple[str, ...] = ("diffusion", "model", "train", "tracking")) -> PipelineParams:
+    """Read and type-check the named sections of a params file (other sections are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    raw = OmegaConf.load(path)
+    chosen = {name: raw[name] for name in sections if name in raw and raw[name] is not None}
+    return params_from_dict(OmegaConf.to_container(OmegaConf.create(chosen)))
+
+
+def params_from_dict(values: dict[str, Any]) -> PipelineParams:
+    """Merge ``values`` onto the typed defaults and validate them; errors name the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineParams), values)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid params: {error.msg if hasattr(error, 'msg') else error}") from None
+    params: PipelineParams = OmegaConf.to_object(merged)
+    validate_train(params.train)
+    return params
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"train.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def validate_train(train: TrainParams) -> None:
+    """Checks that need no data or processes (those are in ``check_batch_layout``)."""
+    _choice("train.objective", train.objective, OBJECTIVES)
+    _choice("train.timestep_sampler", train.timestep_sampler, TIMESTEP_SAMPLERS)
+    _choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    _choice("train.lr_decay", train.lr_decay, LR_DECAYS)
+    _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    for name in ("lr", "max_steps", "batch_size", "grad_accum", "val_every", "val_batch_size", "val_chunk",
+                 "checkpoint_every", "keep_checkpoints", "log_every"):
+        _positive(name, getattr(train, name))
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "vlb_weight", "num_workers", "patience", "seed"):
+        _positive(name, getattr(train, name), allow_zero=True)
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must lie in [0, 1), got {train.ema_decay!r}")
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {train.min_lr_ratio!r}")
+
+
+def check_batch_layout(train: TrainParams, num_processes: int) -> int:
+    """The per-process micro-batch: batch_size / (processes * grad_accum), which must divide evenly."""
+    parts = num_processes * train.grad_accum
+    if train.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size={train.batch_size} is not divisible by processes x grad_accum = "
+            f"{num_processes} x {train.grad_accum}"
+        )
+    return train.batch_size // parts
+
+
+def model_config(params: PipelineParams, image_shape: tuple[int, int, int], num_levels: int) -> ModelConfig:
+    """The ModelConfig for the data's image shape and K (both read from the data manifest)."""
+    d, m = params.diffusion, params.model
+    schedule_params = {k: getattr(d, k) for k in ("beta", "beta_start", "beta_end", "offset", "max_beta")
+                       if getattr(d, k) is not None}
+    network = NetworkConfig(kind=m.network, hidden_dim=m.hidden_dim, depth=m.depth, base_channels=m.base_channels,
+                            channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
+                            attention=m.attention, dropout=m.dropout)
+    return ModelConfig(formulation=m.formulation, image_shape=tuple(image_shape), num_levels=num_levels,
+                       schedule=ScheduleConfig(d.schedule, d.num_steps, schedule_params), network=network,
+                       variance=m.variance, decoder=m.decoder)

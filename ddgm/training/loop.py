@@ -1,0 +1,294 @@
+"""The training loop: Accelerate for processes, mixed precision and gradient accumulation;
+the shard loader for data; EMA weights; validation on the exact ELBO; resumable checkpoints.
+
+The same code runs as one CPU process or under ``accelerate launch`` / ``torchrun`` on many
+GPUs and machines. Only the main process writes model files and talks to the tracker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from ema_pytorch import EMA
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddgm.config import ModelConfig
+from ddgm.data import TrainLoader, manifest_hash, read_manifest, verify_shards
+from ddgm.data.location import local_dir
+from ddgm.models import DDGM, build_model
+from ddgm.objectives import ObjectiveOutput, compute_objective
+from ddgm.serialization import atomic_write, save_model
+from ddgm.timestep_sampler import UniformSampler, make_timestep_sampler
+from ddgm.training import checkpoint as ckpt
+from ddgm.training.config import PipelineParams, check_batch_layout, model_config
+from ddgm.training.tracking import Tracker
+from ddgm.training.validation import split_elbo
+
+BEST_WEIGHTS = "best.safetensors"
+CURVE_COLUMNS = ("step", "val_bpd", "prior_bpd", "diffusion_bpd", "decoder_bpd")
+# Parameters that may change between a run and its resumption without invalidating it.
+RESUMABLE_CHANGES = {"max_steps", "patience", "val_every", "checkpoint_every", "keep_checkpoints", "log_every", "resume"}
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was written and the job should be requeued."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or inf; the last checkpoint is left as it was."""
+
+
+class ObjectiveModule(nn.Module):
+    """Wraps a DDGM so that DDP sees the objective as ``forward`` (gradient sync hooks fire)."""
+
+    def __init__(self, model: DDGM, objective: str, sampler: UniformSampler, vlb_weight: float):
+        super().__init__()
+        self.model, self.objective, self.sampler, self.vlb_weight = model, objective, sampler, vlb_weight
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> ObjectiveOutput:
+        return compute_objective(self.objective, self.model, x, self.sampler, generator, self.vlb_weight)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_step: int
+    best_val_bpd: float
+    stopped_early: bool
+    run_id: str | None
+
+
+class StopSignal:
+    """Remembers that SIGTERM/SIGUSR1 arrived; the loop checkpoints at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.received = True
+
+
+def fingerprint(params: PipelineParams, config: ModelConfig) -> str:
+    """Hash of everything that makes a checkpoint belong to this run."""
+    train = {k: v for k, v in asdict(params.train).items() if k not in RESUMABLE_CHANGES}
+    text = json.dumps({"model": config.to_dict(), "train": train}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant, cosine or linear decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def _optimizer(params: PipelineParams, model: nn.Module) -> torch.optim.Optimizer:
+    t = params.train
+    kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adamax
+    return kind(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    lines = ["\t".join(CURVE_COLUMNS)] + ["\t".join(f"{row[c]:.6g}" for c in CURVE_COLUMNS) for row in rows]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """Rows of a validation curve file (empty when it does not exist)."""
+    if not path.is_file():
+        return []
+    header, *lines = path.read_text().splitlines()
+    names = header.split("\t")
+    return [dict(zip(names, map(float, line.split("\t")))) for line in lines if line]
+
+
+def train(
+    params: PipelineParams,
+    accelerator: Accelerator | None = None,
+    make_tracker: Callable[[str | None], Tracker] | None = None,
+    stop: StopSignal | None = None,
+) -> TrainResult:
+    """Train the model that ``params`` describe on the shards it names; see the module doc.
+
+    ``make_tracker(run_id)`` opens the tracking run (``run_id`` is the resumed run's, or None);
+    it is called on the main process only.
+    """
+    t = params.train
+    shards = os.environ.get("DDGM_SHARDS") or t.shards
+    checkpoint_dir = Path(os.environ.get("DDGM_CHECKPOINT_DIR") or t.checkpoint_dir)
+    model_dir, curve_path = Path(t.model_dir), Path(t.curve_file)
+    stop = stop or StopSignal()
+
+    # local shards are checked against the manifest's sha256 up front; remote ones while reading
+    manifest = verify_shards(shards, ["train", "val"]) if local_dir(shards) else read_manifest(shards)
+    config = model_config(params, manifest.image_shape, manifest.num_levels)
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=config.formulation == "article")]
+    accelerator = accelerator or Accelerator(
+        gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
+        step_scheduler_with_optimizer=False, kwargs_handlers=kwargs,
+    )
+    micro_batch = check_batch_layout(t, accelerator.num_processes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    torch.manual_seed(t.seed)
+    model = build_model(config)
+    ema = EMA(model, beta=t.ema_decay, update_after_step=0, update_every=1, include_online_model=False)
+    sampler = make_timestep_sampler(t.timestep_sampler, config.schedule.num_steps)
+    objective = ObjectiveModule(model, t.objective, sampler, t.vlb_weight)
+    optimizer = _optimizer(params, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_decay, t.min_lr_ratio))
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    ema.to(accelerator.device)
+    loader = TrainLoader(shards, "train", batch_size=micro_batch, rank=rank, world_size=world,
+                         num_workers=t.num_workers, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
+    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 100003 + rank)
+    run_fingerprint = fingerprint(params, config)
+
+    state = {"step": 0, "best_step": -1, "best_val_bpd": math.inf, "bad_validations": 0, "run_id": None}
+    latest = ckpt.latest_checkpoint(checkpoint_dir) if t.resume else None
+    if latest is not None:
+        saved, ema_weights = ckpt.read_state(latest)
+        if saved.get("fingerprint") != run_fingerprint:
+            accelerator.print(f"ignoring checkpoints in {checkpoint_dir}: they belong to other params")
+            latest = None
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        ema.load_state_dict(ema_weights)
+        ckpt.generator_state_from_list(generator, saved["generators"][rank])
+        sampler.load_state_dict({k: torch.tensor(v).numpy() for k, v in saved["sampler"].items()})
+        state.update({k: saved[k] for k in state})
+        accelerator.print(f"resumed from {latest} at step {state['step']}")
+    curve = [row for row in read_curve(curve_path) if row["step"] <= state["step"]] if latest else []
+
+    tracker = make_tracker(state["run_id"]) if accelerator.is_main_process and make_tracker else Tracker()
+    if tracker.run_id != state["run_id"] or state["run_id"] is None:
+        tracker.log_params({"model": config.to_dict(), "train": asdict(t), "num_processes": world})
+        tracker.set_tags({"data.manifest_sha256": manifest_hash(shards), "data.location": str(shards)})
+    state["run_id"] = tracker.run_id or state["run_id"]
+
+    def save_checkpoint() -> None:
+        step = state["step"]
+        tmp = ckpt.temporary_dir(checkpoint_dir, step)
+        accelerator.save_state(str(tmp))
+        generators = accelerator.gather(generator.get_state().to(accelerator.device)[None])
+        if accelerator.is_main_process:
+            record = dict(state, fingerprint=run_fingerprint, generators=generators.cpu().tolist(),
+                          sampler={k: v.tolist() for k, v in sampler.state_dict().items()})
+            ckpt.finalize(checkpoint_dir, step, record, ema.state_dict(), t.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def validate() -> None:
+        ema.ema_model.eval()
+        result = split_elbo(ema.ema_model, shards, "val", t.val_batch_size, t.val_chunk, t.seed, rank, world,
+                            reduce_sum=lambda x: accelerator.reduce(x, "sum"))
+        bpd = result.bits_per_dim()
+        step = state["step"]
+        tracker.log_metrics({f"val/{k}_bpd": v for k, v in bpd.items()}
+                            | {f"val/{k}_nats": getattr(result, k) for k in ("total", "prior", "diffusion", "decoder")},
+                            step)
+        if bpd["total"] < state["best_val_bpd"]:
+            state.update(best_val_bpd=bpd["total"], best_step=step, bad_validations=0)
+            if accelerator.is_main_process:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                weights = {k: v.detach().cpu().contiguous() for k, v in ema.ema_model.state_dict().items()}
+                atomic_write(checkpoint_dir / BEST_WEIGHTS, lambda tmp: save_file(weights, tmp))
+        else:
+            state["bad_validations"] += 1
+        if accelerator.is_main_process:
+            curve.append({"step": step, "val_bpd": bpd["total"], "prior_bpd": bpd["prior"],
+                          "diffusion_bpd": bpd["diffusion"], "decoder_bpd": bpd["decoder"]})
+            _write_curve(curve_path, curve)
+        accelerator.wait_for_everyone()
+
+    progress = tqdm(total=t.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
+                    desc="train", dynamic_ncols=True)
+    data_dim = config.data_dim
+    elbo_objective = t.objective in ("full_elbo", "random_t_elbo")
+    window_start, window_images, stopped_early = time.perf_counter(), 0, False
+    micro_index = state["step"] * t.grad_accum
+    objective.train()
+    while state["step"] < t.max_steps and not stopped_early:
+        epoch, skip = divmod(micro_index, loader.batches_per_epoch)
+        for index, (x, _) in enumerate(loader.epoch(epoch)):
+            if index < skip:
+                continue
+            x = x.to(accelerator.device)
+            with accelerator.accumulate(objective):
+                out = objective(x, generator)
+                loss = out.loss.mean()
+                if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
+                    raise NonFiniteLoss(f"non-finite loss at step {state['step'] + 1}; the last checkpoint is kept")
+                accelerator.backward(loss)
+                if out.terms is not None and t.timestep_sampler == "importance":
+                    sampler.update(accelerator.gather(out.t), accelerator.gather(out.terms.detach()))
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip or math.inf)
+                optimizer.step()  # a no-op on accumulation micro-steps, as is zero_grad
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_index += 1
+            window_images += x.shape[0] * world
+            if not accelerator.sync_gradients:
+                continue
+            ema.update()
+            state["step"] += 1
+            step = state["step"]
+            progress.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+                metrics = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                           "train/grad_norm": float(grad_norm), "train/images_per_s": window_images / elapsed}
+                if elbo_objective:
+                    metrics["train/elbo_bpd"] = mean_loss / (data_dim * math.log(2.0))
+                tracker.log_metrics(metrics, step)
+                progress.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{metrics['train/images_per_s']:.0f}",
+                                     best_val_bpd=f"{state['best_val_bpd']:.4f}")
+                window_start, window_images = time.perf_counter(), 0
+            if step % t.val_every == 0 or step == t.max_steps:
+                validate()
+                stopped_early = 0 < t.patience <= state["bad_validations"]
+            preempted = bool(accelerator.gather(torch.tensor([stop.received], device=accelerator.device)).any())
+            if step % t.checkpoint_every == 0 or step == t.max_steps or stopped_early or preempted:
+                save_checkpoint()
+            if preempted:
+                progress.close()
+                raise Preempted(f"stopped by signal at step {step}; checkpoint saved in {checkpoint_dir}")
+            if step >= t.max_steps or stopped_early:
+                break
+    progress.close()
+
+    if accelerator.is_main_process:
+        best = checkpoint_dir / BEST_WEIGHTS
+        weights = load_file(str(best)) if best.is_file() else ema.ema_model.state_dict()
+        paths = save_model(ema.ema_model, model_dir / "model", weights)
+        _write_curve(curve_path, curve)
+        tracker.log_metrics({"best/val_bpd": state["best_val_bpd"], "best/step": state["best_step"]}, state["step"])
+        tracker.log_artifacts([*paths, curve_path], "model")
+    accelerator.wait_for_everyone()
+    return TrainResult(state["step"], state["best_step"], state["best_val_bpd"], stopped_early, state["run_id"])
