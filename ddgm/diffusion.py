@@ -69,7 +69,8 @@ class GaussianDiffusion(nn.Module):
 
     def q_marginal(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean sqrt(abar_t) x and variance (1 - abar_t) of q(z_t | x)."""
-        return _broadcast(self.sqrt_abar, t, x) * x, 1.0 - _broadcast(self.abar, t, x)
+        # from the sqrt(1 - abar) table: 1 - abar of the float32 abar table cancels at small t
+        return _broadcast(self.sqrt_abar, t, x) * x, _broadcast(self.sqrt_one_minus_abar, t, x) ** 2
 
     def q_sample(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, sampled without the intermediate steps."""
