@@ -81,13 +81,23 @@ def test_digits_round_trip_every_pixel_and_label(digits):
         np.testing.assert_array_equal(labels.numpy(), ref.target[lo:hi])
 
 
-def test_shards_and_manifest_are_byte_identical_across_runs(tmp_path, digits):
-    again = tmp_path / "again"
-    prepare_dataset(DataParams(), again)
-    files = sorted(p.name for p in digits.iterdir())
-    assert files == sorted(p.name for p in again.iterdir())
+def _assert_same_files(a: Path, b: Path) -> None:
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
     for name in files:
-        assert _sha256(digits / name) == _sha256(again / name), name
+        assert _sha256(a / name) == _sha256(b / name), name
+
+
+def test_shards_and_manifest_are_byte_identical_across_runs(tmp_path, digits):
+    prepare_dataset(DataParams(), tmp_path / "again")
+    _assert_same_files(digits, tmp_path / "again")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        _save(tmp_path / "in" / f"{i}.png", rng.integers(0, 256, (9, 12, 3), dtype=np.uint8))
+    params = DataParams(source="folder", path=str(tmp_path / "in"), image_size=5, samples_per_shard=2)
+    prepare_dataset(params, tmp_path / "f1")
+    prepare_dataset(params, tmp_path / "f2")
+    _assert_same_files(tmp_path / "f1", tmp_path / "f2")
 
 
 def test_folder_with_class_subfolders_gray_and_rgb(tmp_path):

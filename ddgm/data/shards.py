@@ -7,6 +7,7 @@ fixed mtime/owner/mode so that equal data gives byte-identical shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -23,7 +24,7 @@ from ddgm.data.errors import DataError
 from ddgm.data.location import open_url
 from ddgm.data.manifest import Manifest, read_manifest, shard_urls
 
-TAR_HEADER = {"mtime": 0.0, "user": "ddgm", "group": "ddgm", "mode": 0o444}
+TAR_HEADER = {"mtime": 0, "user": "ddgm", "group": "ddgm", "mode": 0o444}
 
 
 def shard_name(split: str, index: int) -> str:
@@ -64,6 +65,13 @@ def encode_sample(index: int, levels: np.ndarray, label: int) -> dict:
     return {"__key__": f"{index:06d}", "npy": buffer.getvalue(), "cls": str(label).encode()}
 
 
+@functools.lru_cache(maxsize=8)
+def _npy_header(image_shape: tuple[int, int, int]) -> bytes:
+    """The .npy header that ``encode_sample`` writes before the raw bytes of a uint8 image."""
+    encoded = encode_sample(0, np.zeros(image_shape, dtype=np.uint8), 0)["npy"]
+    return encoded[: len(encoded) - math.prod(image_shape)]
+
+
 def decode_sample(
     sample: dict, url: str, image_shape: tuple[int, int, int], num_levels: int
 ) -> tuple[np.ndarray, int]:
@@ -72,9 +80,13 @@ def decode_sample(
     missing = {"npy", "cls"} - set(sample)
     if missing:
         raise DataError(f"shard {url}: sample {key} lacks {sorted(missing)} (corrupt or truncated shard)")
+    data, header = sample["npy"], _npy_header(tuple(image_shape))
     try:
-        levels = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
         label = int(sample["cls"].decode())
+        if len(data) == len(header) + math.prod(image_shape) and data.startswith(header):
+            levels = np.frombuffer(data, dtype=np.uint8, offset=len(header)).reshape(image_shape)
+        else:  # not the expected format: parse it fully for a precise message below
+            levels = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError, UnicodeDecodeError) as exc:
         raise DataError(f"shard {url}: sample {key} cannot be decoded: {exc}") from exc
     if levels.dtype != np.uint8 or levels.shape != tuple(image_shape):
