@@ -3,8 +3,11 @@ remote-style locations, and corrupt shards failing loudly (never hanging)."""
 
 from __future__ import annotations
 
+import functools
 import shutil
+import threading
 from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -144,6 +147,22 @@ def test_file_and_pipe_locations(digits):
         read_manifest(f"pipe:cat {digits}/manifest.json")
 
 
+@pytest.mark.timeout(60)
+def test_http_location(digits):
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(digits))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        images, labels = load_split(url, "val")
+        assert torch.equal(images, load_split(digits, "val")[0]) and len(labels) == 350
+        assert manifest_hash(url) == manifest_hash(digits)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_manifest_errors_name_the_file(tmp_path, digits, digits_copy):
     with pytest.raises(FileNotFoundError, match=r"manifest not found: .*nowhere/manifest\.json"):
         read_manifest(tmp_path / "nowhere")
@@ -171,8 +190,8 @@ CORRUPTIONS = {
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("kind", "workers"),
-    # with a worker, torch takes ~5 s to shut the DataLoader down after the error: test two kinds only
-    [(kind, 0) for kind in sorted(CORRUPTIONS)] + [("mid_member", 1), ("member_boundary", 1)],
+    # torch takes ~5 s to shut a DataLoader down after a worker error: test that path once
+    [(kind, 0) for kind in sorted(CORRUPTIONS)] + [("member_boundary", 1)],
 )
 def test_corrupt_train_shard_names_the_shard(digits_copy, kind, workers):
     for shard in digits_copy.glob("train-*.tar"):

@@ -100,7 +100,7 @@ class _TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """Endless-data training loader: fixed-length, deterministic epochs of full batches per rank.
+    """Training loader: fixed-length, deterministic epochs of full batches on every rank.
 
     ``epoch(e)`` yields exactly ``batches_per_epoch`` batches of ``batch_size`` (per rank) on
     every rank, determined by (seed, e, rank, world_size, num_workers) alone, so a run can
@@ -200,7 +200,7 @@ class EvalLoader:
     def _samples(self) -> Iterator[tuple[np.ndarray, int]]:
         offset = 0
         split = self._split
-        for url, count in zip(split.urls, split.counts):
+        for url, count in zip(split.urls, split.counts, strict=True):
             lo, hi = max(self.start - offset, 0), min(self.stop - offset, count)
             if lo < hi:  # read the whole shard so its sample count is checked
                 for i, sample in enumerate(read_shard(url, count, split.image_shape, split.num_levels)):

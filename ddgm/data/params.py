@@ -75,13 +75,17 @@ def _validate(p: DataParams) -> None:
     if p.source == "digits":
         for name in ("path", "image_size", "channels"):
             if getattr(p, name) is not None:
-                raise DataError(f"data.{name} is not used by source 'digits'; found {getattr(p, name)!r}, expected null")
+                raise DataError(
+                    f"data.{name} is not used by source 'digits'; found {getattr(p, name)!r}, expected null"
+                )
     elif not isinstance(p.path, str) or not p.path:
         raise DataError(f"data.path must name the input for source {p.source!r}, found {p.path!r}")
     if p.source == "array":
         for name in ("image_size", "channels"):
             if getattr(p, name) is not None:
-                raise DataError(f"data.{name} is only used by source 'folder'; found {getattr(p, name)!r}, expected null")
+                raise DataError(
+                    f"data.{name} is only used by source 'folder'; found {getattr(p, name)!r}, expected null"
+                )
     if p.image_size is not None and not (_is_int(p.image_size) and p.image_size >= 1):
         raise DataError(f"data.image_size must be null or an integer >= 1, found {p.image_size!r}")
     if p.channels is not None and p.channels not in (1, 3):

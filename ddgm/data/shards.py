@@ -127,7 +127,7 @@ def read_shards(
     urls: Iterable[str], counts: Iterable[int], image_shape: tuple[int, int, int], num_levels: int
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Samples of several shards, one after the other."""
-    for url, count in zip(urls, counts):
+    for url, count in zip(urls, counts, strict=True):
         yield from read_shard(url, count, image_shape, num_levels)
 
 
@@ -139,7 +139,7 @@ def verify_shards(location: str | Path, splits: Iterable[str] | None = None) -> 
     """
     manifest = read_manifest(location)
     for split in manifest.shards if splits is None else splits:
-        for url, entry in zip(shard_urls(location, split, manifest), manifest.shards[split]):
+        for url, entry in zip(shard_urls(location, split, manifest), manifest.shards[split], strict=True):
             try:
                 stream = open_url(url)
             except FileNotFoundError as exc:

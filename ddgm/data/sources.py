@@ -214,7 +214,7 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def _check_same_size(arrays: list[np.ndarray], files: list[Path]) -> None:
     first = arrays[0].shape[1:]
-    for array, file in zip(arrays, files):
+    for array, file in zip(arrays, files, strict=True):
         if array.shape[1:] != first:
             raise DataError(
                 f"images have different sizes: {files[0]} is {first[1]}x{first[0]} but {file} is "
