@@ -27,6 +27,20 @@ def normal_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tenso
     return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var))
 
 
+_TAIL = -1e4  # below this, log Phi uses its asymptotic series (see _log_ndtr)
+
+
+def _log_ndtr(z: torch.Tensor) -> torch.Tensor:
+    """log Phi(z). torch.special.log_ndtr's gradient breaks down far in the lower tail (wrong
+    beyond |z| ~ 1e6, inf or NaN beyond ~ 1e9), so for z < -1e4 this uses the asymptotic
+    series -z^2/2 - log(-z) - log(2 pi)/2 + log1p(-1/z^2), exact to float64 round-off there."""
+    tail = z < _TAIL
+    z_tail = torch.where(tail, z, torch.full_like(z, _TAIL))
+    z_body = torch.where(tail, torch.zeros_like(z), z)
+    series = -0.5 * z_tail**2 - torch.log(-z_tail) - 0.5 * LOG_2PI + torch.log1p(-(z_tail**-2))
+    return torch.where(tail, series, torch.special.log_ndtr(z_body))
+
+
 def _log_normal_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """log(Phi(upper) - Phi(lower)) for standardised bounds lower < upper, stable in both tails.
 
@@ -37,11 +51,11 @@ def _log_normal_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     mirrored = lower > 0
     a = torch.where(mirrored, torch.zeros_like(lower), lower)
     b = upper
-    direct = torch.special.log_ndtr(b) + torch.log1p(-torch.exp(torch.special.log_ndtr(a) - torch.special.log_ndtr(b)))
+    direct = _log_ndtr(b) + torch.log1p(-torch.exp(_log_ndtr(a) - _log_ndtr(b)))
     a_m = torch.where(mirrored, lower, torch.zeros_like(lower))
     b_m = torch.where(mirrored, upper, torch.ones_like(upper))
-    flipped = torch.special.log_ndtr(-a_m) + torch.log1p(
-        -torch.exp(torch.special.log_ndtr(-b_m) - torch.special.log_ndtr(-a_m))
+    flipped = _log_ndtr(-a_m) + torch.log1p(
+        -torch.exp(_log_ndtr(-b_m) - _log_ndtr(-a_m))
     )
     return torch.where(mirrored, flipped, direct)
 
