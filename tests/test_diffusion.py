@@ -12,6 +12,8 @@ import torch
 from ddgm.diffusion import GaussianDiffusion
 from ddgm.schedules import constant_betas, cosine_betas, linear_betas
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # one value per data dimension, covering both ends of [-1, 1]
 X_VALUES = torch.tensor([-1.0, -0.25, 0.5, 1.0], dtype=torch.float64)
 
