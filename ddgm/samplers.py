@@ -73,7 +73,7 @@ def sample_ancestral(
     With num_steps < T (epsilon models only) the chain runs on a respaced subset of levels.
     """
     device = next(model.parameters()).device
-    steps = timestep_subset(model.num_steps, num_steps or model.num_steps)
+    steps = timestep_subset(model.num_steps, model.num_steps if num_steps is None else num_steps)
     z = _start(model, num_samples, generator, device)
     trajectory = [z] if keep_trajectory else []
     if not isinstance(model, EpsilonDDGM):
@@ -114,7 +114,7 @@ def sample_ddim(
     eta = 1 with every level is ancestral sampling with variance beta~_t."""
     if not isinstance(model, EpsilonDDGM):
         raise ValueError("the DDIM sampler needs the epsilon formulation")
-    if not isinstance(eta, (int, float)) or eta < 0:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:  # rejects NaN too
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     device = next(model.parameters()).device
     steps = timestep_subset(model.num_steps, num_steps)
@@ -152,5 +152,6 @@ def sample(
     if sampler == "ancestral":
         return sample_ancestral(model, num_samples, num_steps, generator, clip_denoised, keep_trajectory)
     if sampler == "ddim":
-        return sample_ddim(model, num_samples, num_steps or model.num_steps, eta, generator, clip_denoised, keep_trajectory)
+        steps = model.num_steps if num_steps is None else num_steps
+        return sample_ddim(model, num_samples, steps, eta, generator, clip_denoised, keep_trajectory)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
