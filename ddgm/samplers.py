@@ -10,6 +10,7 @@ Every sampler draws its noise from the given torch.Generator, so a seed fixes th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,16 +119,16 @@ def sample_ddim(
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     device = next(model.parameters()).device
     steps = timestep_subset(model.num_steps, num_steps)
-    abar = model.diffusion.abar
+    abar = model.diffusion.abar64  # float64: 1 - abar of the float32 table cancels at small t
     z = _start(model, num_samples, generator, device)
     trajectory = [z] if keep_trajectory else []
     for index in range(len(steps), 0, -1):
         step, prev = steps[index - 1], steps[index - 2] if index > 1 else 0
         t = torch.full((num_samples,), step, device=device, dtype=torch.long)
         eps, x0, _ = _denoised(model, z, t, clip_denoised)
-        abar_t, abar_prev = abar[step], abar[prev]
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
-        z = torch.sqrt(abar_prev) * x0 + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * eps
+        abar_t, abar_prev = float(abar[step]), float(abar[prev])
+        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        z = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
         if index > 1:
             z = z + sigma * _noise(z, generator)
         trajectory += [z] if keep_trajectory else []
