@@ -12,7 +12,9 @@
 #                                                    (default $PET_NPROC_PER_NODE or auto)
 #   MASTER_ADDR / MASTER_PORT   rendezvous host:port (default 127.0.0.1:29500)
 #   RDZV_BACKEND    static | c10d                    (default static)
-#   MIXED_PRECISION no | bf16 | fp16      (default: from ACCELERATE_CONFIG, else no)
+#   MIXED_PRECISION no | bf16 | fp16      (default: from ACCELERATE_CONFIG, else no);
+#                   NOTE pipeline.train passes train.mixed_precision from params.yaml to
+#                   Accelerator(), which takes precedence over this launcher setting
 #   ACCELERATE_CONFIG  optional accelerate YAML (e.g. for bf16); the topology above
 #                   always overrides what it says about machines/processes/rendezvous
 #   DDGM_WORKDIR    optional directory to cd into first (outputs: models/, plots/, ...)
