@@ -4,6 +4,7 @@ the timestep subset and respaced diffusion, and argument validation."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -54,10 +55,18 @@ def article_model():
     return build_model(config).eval()
 
 
-def _count_calls(module: torch.nn.Module) -> list[int]:
-    calls = [0]
-    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
+@contextmanager
+def count_calls(*modules: torch.nn.Module):
+    """Yield a list with one forward-call counter per module (forward hooks, removed on exit)."""
+    calls = [0] * len(modules)
+    handles = [
+        module.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, module in enumerate(modules)
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --- DDIM with eta = 1 over every step is ancestral sampling with variance beta~_t -----------
@@ -124,32 +133,29 @@ def test_ddim_eta0_is_deterministic_given_z_T(model) -> None:
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 13, 20])
-def test_respaced_samplers_call_the_network_once_per_step(steps: int) -> None:
-    model = _epsilon_model(SHORT)
-    calls = _count_calls(model.network)
-    sample_ddim(model, 3, steps, generator=torch.Generator().manual_seed(0))
-    assert calls[0] == steps
-    calls[0] = 0
-    sample_ancestral(model, 3, steps, generator=torch.Generator().manual_seed(0))
-    assert calls[0] == steps
-    calls[0] = 0
-    sample(model, 3, "ddim", steps, eta=0.5, generator=torch.Generator().manual_seed(0))
-    assert calls[0] == steps
+def test_respaced_samplers_call_the_network_once_per_step(model, steps: int) -> None:
+    for draw in (
+        lambda: sample_ddim(model, 3, steps, generator=torch.Generator().manual_seed(0)),
+        lambda: sample_ancestral(model, 3, steps, generator=torch.Generator().manual_seed(0)),
+        lambda: sample(model, 3, "ddim", steps, eta=0.5, generator=torch.Generator().manual_seed(0)),
+        lambda: sample(model, 3, "ancestral", steps, generator=torch.Generator().manual_seed(0)),
+    ):
+        with count_calls(model.network) as calls:
+            draw()
+        assert calls == [steps]
 
 
 def test_full_ancestral_sampling_calls_the_network_T_times(model) -> None:
-    calls = _count_calls(_epsilon_model(SHORT).network)
-    fresh = _epsilon_model(SHORT)
-    calls = _count_calls(fresh.network)
-    out = sample_ancestral(fresh, 3, generator=torch.Generator().manual_seed(0), keep_trajectory=True)
-    assert calls[0] == 20
+    with count_calls(model.network) as calls:
+        out = sample_ancestral(model, 3, generator=torch.Generator().manual_seed(0), keep_trajectory=True)
+    assert calls == [20]
     assert len(out.trajectory) == 21 and torch.equal(out.trajectory[-1], out.images)
 
 
 def test_article_model_samples_every_level_once(article_model) -> None:
-    calls = [_count_calls(level) for level in article_model.levels] + [_count_calls(article_model.decoder)]
-    out = sample_ancestral(article_model, 4, generator=torch.Generator().manual_seed(0), keep_trajectory=True)
-    assert [c[0] for c in calls] == [1] * 5
+    with count_calls(*article_model.levels, article_model.decoder) as calls:
+        out = sample_ancestral(article_model, 4, generator=torch.Generator().manual_seed(0), keep_trajectory=True)
+    assert calls == [1] * 5
     assert out.images.shape == (4, 1, 2, 2) and out.images.abs().max() <= 1  # the decoder's own tanh
     assert len(out.trajectory) == 6
 
@@ -274,7 +280,7 @@ def test_ddim_and_respacing_need_the_epsilon_model(article_model) -> None:
 
 
 def test_sample_dispatch_defaults_to_all_steps(model) -> None:
-    calls = _count_calls(model.network)
-    sample(model, 2, "ddim")
-    assert calls[0] == 20
-    assert math.isfinite(sample(model, 2).images.sum().item())
+    for sampler in ("ddim", "ancestral"):
+        with count_calls(model.network) as calls:
+            out = sample(model, 2, sampler, generator=torch.Generator().manual_seed(0))
+        assert calls == [20] and math.isfinite(out.images.sum().item())
