@@ -52,13 +52,15 @@ if ! [[ "$NNODES" =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 
+# GPUs this node may use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES when set
+# (an empty CUDA_VISIBLE_DEVICES hides all GPUs).
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${CUDA_VISIBLE_DEVICES}" != "all" ]]; then
-    IFS=',' read -r -a _visible <<<"$CUDA_VISIBLE_DEVICES"
-    gpus=${#_visible[@]}
-  fi
+fi
+if [[ -n "${CUDA_VISIBLE_DEVICES+set}" && "${CUDA_VISIBLE_DEVICES}" != all ]] && (( gpus > 0 )); then
+  IFS=',' read -r -a _visible <<<"$CUDA_VISIBLE_DEVICES"
+  gpus=${#_visible[@]}
 fi
 if [[ "$NPROC_PER_NODE" == auto || "$NPROC_PER_NODE" == gpu ]]; then
   NPROC_PER_NODE=$(( gpus > 0 ? gpus : 1 ))
@@ -97,6 +99,9 @@ cmd+=(-m "$TRAIN_MODULE" "$@")
 
 echo "launch.sh: node ${NODE_RANK}/${NNODES}, ${NPROC_PER_NODE} process(es) per node, rendezvous ${MASTER_ADDR}:${MASTER_PORT} (${RDZV_BACKEND})" >&2
 if [[ "${DDGM_LAUNCH_DRY_RUN:-0}" == 1 ]]; then
+  if [[ "${ACCELERATE_USE_CPU:-}" == true ]]; then
+    printf 'ACCELERATE_USE_CPU=true '
+  fi
   printf '%q ' "${cmd[@]}"
   echo
   exit 0

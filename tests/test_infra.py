@@ -52,6 +52,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("ACCELERATE_USE_CPU", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # these tests run CPU ranks, also on GPU machines
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
@@ -158,7 +159,8 @@ def _dry_run(env: dict[str, str], *args: str) -> list[str]:
         ["bash", str(LAUNCH), *args], env=_env(DDGM_LAUNCH_DRY_RUN="1", **env),
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
-    return r.stdout.split()
+    cmd = r.stdout.split()
+    return cmd[1:] if cmd[0] == "ACCELERATE_USE_CPU=true" else cmd  # no GPU here (_env)
 
 
 def test_launch_single_process_runs_python_directly():
@@ -189,6 +191,28 @@ def test_launch_reads_pytorchjob_env():
     assert opt["--num_machines"] == "3" and opt["--num_processes"] == "6"
     assert opt["--machine_rank"] == "2" and opt["--rdzv_backend"] == "c10d"
     assert opt["--mixed_precision"] == "bf16" and "--same_network" not in cmd
+
+
+def test_launch_gpu_detection(tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: X (UUID: a)'\necho 'GPU 1: X (UUID: b)'\n"
+                    "echo '  MIG 1g.18gb Device 0: (UUID: c)'\n")
+    fake.chmod(0o755)
+    path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+    env = _env(PATH=path, DDGM_LAUNCH_DRY_RUN="1")
+    env.pop("CUDA_VISIBLE_DEVICES")
+
+    def run(**extra):
+        r = subprocess.run(["bash", str(LAUNCH)], env={**env, **extra}, cwd=ROOT,
+                           capture_output=True, text=True, check=True)
+        return r.stdout.split()
+
+    cmd = run()  # auto: one rank per GPU, NCCL (no CPU override)
+    assert cmd[0] == "accelerate" and dict(zip(cmd, cmd[1:]))["--num_processes"] == "2"
+    cmd = run(CUDA_VISIBLE_DEVICES="1")
+    assert cmd[0] == "python"
+    cmd = run(CUDA_VISIBLE_DEVICES="", NPROC_PER_NODE="2")  # GPUs hidden: gloo ranks
+    assert cmd[0] == "ACCELERATE_USE_CPU=true" and cmd[1] == "accelerate"
 
 
 def test_launch_passes_exit_status(tmp_path):
