@@ -1,7 +1,8 @@
-"""Training, model and tracking parameters read from params.yaml, validated before any work.
+"""The schema of params.yaml, validated before any work starts.
 
 Sections: ``diffusion`` (schedule), ``model`` (formulation, network, variance, decoder),
-``train`` (objective, optimisation, validation, checkpoints) and ``tracking`` (MLflow).
+``train`` (objective, optimisation, validation, checkpoints), ``sample``, ``evaluate`` and
+``tracking`` (MLflow); ``data`` is read by ddgm.data.params.
 OmegaConf merges each section onto a typed schema, so an unknown key or a wrong type is an
 error that names the key.
 """
@@ -66,7 +67,7 @@ class TrainParams:
     grad_accum: int = 1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    mixed_precision: str = "no"
+    mixed_precision: Optional[str] = None  # no | fp16 | bf16; None = the launcher's setting
     seed: int = 0
     num_workers: int = 0
     shuffle_buffer: int = 1000
@@ -86,6 +87,31 @@ class TrainParams:
 
 
 @dataclass
+class SampleParams:
+    num_samples: int = 1000
+    sampler: str = "ddim"  # ddim | ancestral (the article's model: ancestral over its T levels)
+    num_steps: Optional[int] = 50  # None = every level
+    eta: float = 0.0
+    clip_denoised: bool = True
+    batch_size: int = 500
+    seed: int = 0
+    out_dir: str = "samples"
+    figures_dir: str = "figures"
+
+
+@dataclass
+class EvaluateParams:
+    batch_size: int = 64
+    chunk: int = 50
+    seed: int = 0
+    classifier_epochs: int = 30
+    comparison_steps: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
+    comparison_samples: int = 500
+    metrics_file: str = "metrics.json"
+    comparison_file: str = "plots/sampler_comparison.tsv"
+
+
+@dataclass
 class TrackingParams:
     uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "ddgm"
@@ -100,10 +126,15 @@ class PipelineParams:
     diffusion: DiffusionParams = field(default_factory=DiffusionParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
 
-def load_params(path: str | Path, sections: tuple[str, ...] = ("diffusion", "model", "train", "tracking")) -> PipelineParams:
+SECTIONS = ("diffusion", "model", "train", "sample", "evaluate", "tracking")
+
+
+def load_params(path: str | Path, sections: tuple[str, ...] = SECTIONS) -> PipelineParams:
     """Read and type-check the named sections of a params file (other sections are ignored)."""
     path = Path(path)
     if not path.is_file():
@@ -121,6 +152,8 @@ def params_from_dict(values: dict[str, Any]) -> PipelineParams:
         raise ValueError(f"invalid params: {error.msg if hasattr(error, 'msg') else error}") from None
     params: PipelineParams = OmegaConf.to_object(merged)
     validate_train(params.train)
+    validate_sample(params.sample)
+    validate_evaluate(params.evaluate)
     return params
 
 
@@ -140,7 +173,8 @@ def validate_train(train: TrainParams) -> None:
     _choice("train.timestep_sampler", train.timestep_sampler, TIMESTEP_SAMPLERS)
     _choice("train.optimizer", train.optimizer, OPTIMIZERS)
     _choice("train.lr_decay", train.lr_decay, LR_DECAYS)
-    _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    if train.mixed_precision is not None:
+        _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     for name in ("lr", "max_steps", "batch_size", "grad_accum", "val_every", "val_batch_size", "val_chunk",
                  "checkpoint_every", "keep_checkpoints", "log_every"):
         _positive(name, getattr(train, name))
@@ -150,6 +184,25 @@ def validate_train(train: TrainParams) -> None:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {train.ema_decay!r}")
     if not 0.0 <= train.min_lr_ratio <= 1.0:
         raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {train.min_lr_ratio!r}")
+
+
+def validate_sample(sample: SampleParams) -> None:
+    _choice("sample.sampler", sample.sampler, ("ancestral", "ddim"))
+    for name in ("num_samples", "batch_size"):
+        if getattr(sample, name) < 1:
+            raise ValueError(f"sample.{name} must be >= 1, got {getattr(sample, name)!r}")
+    if sample.num_steps is not None and sample.num_steps < 1:
+        raise ValueError(f"sample.num_steps must be >= 1 or null, got {sample.num_steps!r}")
+    if sample.eta < 0:
+        raise ValueError(f"sample.eta must be >= 0, got {sample.eta!r}")
+
+
+def validate_evaluate(evaluate: EvaluateParams) -> None:
+    for name in ("batch_size", "chunk", "classifier_epochs", "comparison_samples"):
+        if getattr(evaluate, name) < 1:
+            raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(evaluate, name)!r}")
+    if any(steps < 1 for steps in evaluate.comparison_steps):
+        raise ValueError(f"evaluate.comparison_steps must all be >= 1, got {evaluate.comparison_steps!r}")
 
 
 def check_batch_layout(train: TrainParams, num_processes: int) -> int:

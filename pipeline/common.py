@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from ddgm.serialization import atomic_write
-from ddgm.training.config import TrackingParams
+from ddgm.params import TrackingParams
 from ddgm.training.tracking import Tracker, make_tracker, resolve_tracking_uri
 
 RUN_FILE = "run.json"

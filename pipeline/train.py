@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddgm.training.config import load_params
+from ddgm.params import load_params
 from ddgm.training.loop import Preempted, StopSignal, train
 from pipeline.common import open_tracker, write_run_file
 

@@ -32,7 +32,7 @@ from ddgm.objectives import ObjectiveOutput, compute_objective
 from ddgm.serialization import atomic_write, save_model
 from ddgm.timestep_sampler import UniformSampler, make_timestep_sampler
 from ddgm.training import checkpoint as ckpt
-from ddgm.training.config import PipelineParams, check_batch_layout, model_config
+from ddgm.params import PipelineParams, check_batch_layout, model_config
 from ddgm.training.tracking import Tracker
 from ddgm.training.validation import split_elbo
 
@@ -149,6 +149,11 @@ def train(
         gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
         step_scheduler_with_optimizer=False, kwargs_handlers=kwargs,
     )
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_world != accelerator.num_processes:
+        raise RuntimeError(
+            f"the launcher started {launched_world} processes but Accelerate sees {accelerator.num_processes}; "
+            "on a machine without GPUs set ACCELERATE_USE_CPU=true (see infra/README.md)")
     micro_batch = check_batch_layout(t, accelerator.num_processes)
     rank, world = accelerator.process_index, accelerator.num_processes
 
