@@ -31,7 +31,7 @@ def likelihood_metrics(model: DDGM, params: PipelineParams) -> dict[str, float]:
     """Negative ELBO over all T terms for every val and test image, in bits/dim and nats/image."""
     e, metrics = params.evaluate, {}
     for split in ("val", "test"):
-        result = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed)
+        result = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="discretized")
         for term, bpd in result.bits_per_dim().items():
             metrics[f"{split}/{term}_bpd"] = bpd
         metrics[f"{split}/nelbo_nats_per_image"] = result.total
