@@ -4,6 +4,11 @@ Every rank calls ``Accelerator.save_state`` into ``<dir>/.tmp-step-N``; the main
 ``training_state.json`` (step counter, best validation, RNG and sampler state), the EMA
 weights as safetensors, and then renames the folder to ``<dir>/step-N``. A kill during a save
 leaves only a ``.tmp-`` folder, which resume ignores and the next save removes.
+
+A run that starts from scratch (``resume: false``, or checkpoints of other params) first moves
+what an earlier run left in the folder into ``<dir>/superseded-<time>/``: otherwise pruning
+would count the old, higher-numbered checkpoints as the newest and delete the new run's, and
+a resume after preemption would find only the old run's and start from scratch again.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +57,47 @@ def finalize(directory: str | Path, step: int, state: dict[str, Any], ema_weight
     atomic_write(tmp / STATE_FILE, lambda path: Path(path).write_text(json.dumps(state)))
     final = Path(directory) / f"step-{step:08d}"
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     tmp.rename(final)
     for old in completed_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in Path(directory).glob(".tmp-step-*"):
+        _discard(old)
+    for stale in [*Path(directory).glob(".tmp-step-*"), *Path(directory).glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint folder; renamed first, so a kill mid-delete cannot leave a
+    ``step-N`` folder that still holds training_state.json but lacks weights."""
+    doomed = checkpoint.with_name(f".old-{checkpoint.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    checkpoint.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def leftovers(directory: str | Path, extra: tuple[str, ...] = ()) -> list[Path]:
+    """What a run leaves in a checkpoint folder: step and temporary folders, and ``extra`` names."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if STEP_DIR.match(p.name) or p.name.startswith((".tmp-step-", ".old-step-")) or p.name in extra)
+
+
+def supersede(directory: str | Path, extra: tuple[str, ...] = ()) -> Path | None:
+    """Move an earlier run's leftovers into ``<dir>/superseded-<UTC time>/``; that folder, or None."""
+    found = leftovers(directory, extra)
+    if not found:
+        return None
+    target = Path(directory) / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+    target.mkdir()
+    for path in found:
+        path.rename(target / path.name)
+    return target
 
 
 def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -179,10 +179,22 @@ def train(
         if saved.get("fingerprint") != run_fingerprint:
             accelerator.print(f"ignoring checkpoints in {checkpoint_dir}: they belong to other params")
             latest = None
+    if latest is None:
+        accelerator.wait_for_everyone()  # every rank has looked before anything moves
+        if accelerator.is_main_process:
+            moved = ckpt.supersede(checkpoint_dir, extra=(BEST_WEIGHTS,))
+            if moved is not None:
+                accelerator.print(f"starting from scratch: moved the earlier run's checkpoints to {moved}")
+        accelerator.wait_for_everyone()
     if latest is not None:
         accelerator.load_state(str(latest))
         ema.load_state_dict(ema_weights)
-        ckpt.generator_state_from_list(generator, saved["generators"][rank])
+        if len(saved["generators"]) == world:
+            ckpt.generator_state_from_list(generator, saved["generators"][rank])
+        else:
+            generator.manual_seed(t.seed * 100003 + rank + 7919 * (saved["step"] + 1))
+            accelerator.print(f"{latest} was written by {len(saved['generators'])} processes, this run has {world}: "
+                              "training goes on, with other data order and noise than an uninterrupted run")
         sampler.load_state_dict({k: torch.tensor(v).numpy() for k, v in saved["sampler"].items()})
         state.update({k: saved[k] for k in state})
         accelerator.print(f"resumed from {latest} at step {state['step']}")
