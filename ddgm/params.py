@@ -74,7 +74,7 @@ class TrainParams:
     val_every: int = 500
     val_batch_size: int = 64
     val_chunk: int = 50
-    val_max_images: Optional[int] = None
+    val_max_images: Optional[int] = None  # validate on about this many val images (None = all)
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -180,6 +180,8 @@ def validate_train(train: TrainParams) -> None:
         _positive(name, getattr(train, name))
     for name in ("weight_decay", "warmup_steps", "grad_clip", "vlb_weight", "num_workers", "patience", "seed"):
         _positive(name, getattr(train, name), allow_zero=True)
+    if train.val_max_images is not None:
+        _positive("val_max_images", train.val_max_images)
     if not 0.0 <= train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {train.ema_decay!r}")
     if not 0.0 <= train.min_lr_ratio <= 1.0:

@@ -220,7 +220,8 @@ def train(
     def validate() -> None:
         ema.ema_model.eval()
         result = split_elbo(ema.ema_model, shards, "val", t.val_batch_size, t.val_chunk, t.seed, rank, world,
-                            reduce_sum=lambda x: accelerator.reduce(x, "sum"), decoder="discretized")
+                            reduce_sum=lambda x: accelerator.reduce(x, "sum"), decoder="discretized",
+                            max_images=t.val_max_images)
         bpd = result.bits_per_dim()
         step = state["step"]
         tracker.log_metrics({f"val/{k}_bpd": v for k, v in bpd.items()}

@@ -47,13 +47,24 @@ def split_elbo(
     world_size: int = 1,
     reduce_sum: Reduce = lambda x: x,
     decoder: str | None = None,
+    max_images: int | None = None,
 ) -> SplitELBO:
     """Every image of ``split`` exactly once across ranks (``reduce_sum`` all-reduces the sums),
-    with fresh z_t ~ q(z_t | x) drawn from a generator seeded by (seed, rank)."""
+    with fresh z_t ~ q(z_t | x) drawn from a generator seeded by (seed, rank).
+
+    ``max_images``: use only about that many images, a fixed subset: rank r of W takes the first
+    max_images * (r + 1) // W - max_images * r // W images of its block."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
     sums = torch.zeros(3 + model.num_steps, dtype=torch.float64, device=device)
+    limit = None if max_images is None else max_images * (rank + 1) // world_size - max_images * rank // world_size
+    seen = 0
     for x, _ in EvalLoader(shards, split, batch_size, rank, world_size):
+        if limit is not None:
+            if seen >= limit:
+                break
+            x = x[: limit - seen]
+            seen += x.shape[0]
         terms = elbo_terms(model, x.to(device), chunk=chunk, generator=generator, decoder=decoder)
         sums[0] += x.shape[0]
         sums[1] += terms.prior.double().sum()
