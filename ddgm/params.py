@@ -16,8 +16,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.config import DECODERS, FORMULATIONS, NETWORKS, VARIANCES, ModelConfig, NetworkConfig, ScheduleConfig
 from ddgm.objectives import OBJECTIVES
+from ddgm.schedules import SCHEDULES
 from ddgm.timestep_sampler import TIMESTEP_SAMPLERS
 
 OPTIMIZERS = ("adamw", "adamax")
@@ -151,6 +152,7 @@ def params_from_dict(values: dict[str, Any]) -> PipelineParams:
     except OmegaConfBaseException as error:
         raise ValueError(f"invalid params: {error.msg if hasattr(error, 'msg') else error}") from None
     params: PipelineParams = OmegaConf.to_object(merged)
+    validate_model(params)
     validate_train(params.train)
     validate_sample(params.sample)
     validate_evaluate(params.evaluate)
@@ -165,6 +167,31 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def validate_model(params: PipelineParams) -> None:
+    """The diffusion and model sections, and the objective they must suit, named as in params.yaml
+    (ModelConfig checks them again, but only once the data's manifest has been read)."""
+    d, m, t = params.diffusion, params.model, params.train
+    _choice("diffusion.schedule", d.schedule, SCHEDULES)
+    if d.num_steps < 1:
+        raise ValueError(f"diffusion.num_steps must be >= 1, got {d.num_steps!r}")
+    _choice("model.formulation", m.formulation, FORMULATIONS)
+    _choice("model.network", m.network, NETWORKS)
+    _choice("model.variance", m.variance, VARIANCES)
+    _choice("model.decoder", m.decoder, DECODERS)
+    for name in ("hidden_dim", "depth", "base_channels", "num_res_blocks"):
+        if getattr(m, name) < 1:
+            raise ValueError(f"model.{name} must be >= 1, got {getattr(m, name)!r}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"model.dropout must lie in [0, 1), got {m.dropout!r}")
+    if m.formulation == "article" and m.network != "mlp":
+        raise ValueError(f"model.network must be 'mlp' for model.formulation 'article', got {m.network!r}")
+    if t.objective in ("simple", "hybrid") and m.formulation != "epsilon":
+        raise ValueError(f"train.objective {t.objective!r} needs model.formulation 'epsilon', got {m.formulation!r}")
+    if t.objective == "hybrid" and m.variance != "learned_range":
+        raise ValueError(f"train.objective 'hybrid' trains a learned variance: model.variance must be "
+                         f"'learned_range', got {m.variance!r}")
 
 
 def validate_train(train: TrainParams) -> None:

@@ -141,8 +141,8 @@ def train(
     model_dir, curve_path = Path(t.model_dir), Path(t.curve_file)
     stop = stop or StopSignal()
 
-    # local shards are checked against the manifest's sha256 up front; remote ones while reading
-    manifest = verify_shards(shards, ["train", "val"]) if local_dir(shards) else read_manifest(shards)
+    # everything that can be checked cheaply is checked before any shard is read
+    manifest = read_manifest(shards)
     config = model_config(params, manifest.image_shape, manifest.num_levels)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=config.formulation == "article")]
     accelerator = accelerator or Accelerator(
@@ -156,6 +156,8 @@ def train(
             "on a machine without GPUs set ACCELERATE_USE_CPU=true (see infra/README.md)")
     micro_batch = check_batch_layout(t, accelerator.num_processes)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if local_dir(shards):  # local shards are checked against the manifest's sha256 up front; remote ones while reading
+        verify_shards(shards, ["train", "val"])
 
     torch.manual_seed(t.seed)
     model = build_model(config)
