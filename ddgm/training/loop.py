@@ -247,7 +247,8 @@ def train(
                     desc="train", dynamic_ncols=True)
     data_dim = config.data_dim
     elbo_objective = t.objective in ("full_elbo", "random_t_elbo")
-    window_start, window_images, stopped_early = time.perf_counter(), 0, False
+    window_start, window_images = time.perf_counter(), 0
+    stopped_early = 0 < t.patience <= state["bad_validations"]  # a resumed run that had already stopped early
     micro_index = state["step"] * t.grad_accum
     objective.train()
     while state["step"] < t.max_steps and not stopped_early:
