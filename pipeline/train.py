@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(params, make_tracker=make_tracker, stop=stop)
     except Preempted as preempted:
         print(preempted, file=sys.stderr)
+        for tracker in trackers:  # the resumed job sets the run RUNNING again
+            tracker.close("KILLED")
         return Preempted.exit_code
     except BaseException:
         for tracker in trackers:
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     for tracker in trackers:
         write_run_file(params.train.model_dir, tracker, params.tracking)
+        tracker.close()  # the sample and evaluate stages reopen the run
     print(f"trained {result.step} steps; best val {result.best_val_bpd:.4f} bits/dim at step {result.best_step}")
     return 0
 
