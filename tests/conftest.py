@@ -17,3 +17,14 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """The digits dataset prepared once per session (1000/350/447 images, 1x8x8, K=17), as the
+    prepare stage writes it; returns the shard directory (absolute)."""
+    from ddgm.data import DataParams, prepare_dataset
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare_dataset(DataParams(out_dir=str(out)))
+    return out
