@@ -14,11 +14,16 @@ RUN_FILE = "run.json"
 
 
 def git_commit() -> str:
-    """The checked-out commit (with '-dirty' when the tree has changes), or 'unknown'."""
+    """The checked-out commit (with '-dirty' when tracked files have changes), or 'unknown'.
+
+    dvc.lock does not count: ``dvc repro`` rewrites it after every stage, so a later stage of
+    the same repro would otherwise always tag a clean checkout as dirty.
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top,glob)**/dvc.lock"],
+                               capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
