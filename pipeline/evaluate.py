@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     torch.manual_seed(params.evaluate.seed)
     model = load_model(Path(params.train.model_dir) / "model").eval()
-    samples = load_file(str(Path(params.sample.out_dir) / "samples.safetensors"))["images"]
+    samples_path = Path(params.sample.out_dir) / "samples.safetensors"
+    if not samples_path.is_file():
+        raise FileNotFoundError(f"samples file {samples_path} does not exist (run the sample stage first)")
+    samples = load_file(str(samples_path))["images"]
     metrics = likelihood_metrics(model, params)
     quality, classifier, test_x = quality_metrics(samples, params.train.shards, model.num_levels,
                                                   params.evaluate.classifier_epochs, params.evaluate.seed)
