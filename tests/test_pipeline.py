@@ -1,0 +1,642 @@
+"""End-to-end tests of the DVC pipeline prepare -> train -> sample -> evaluate (issue 5).
+
+Every test runs on tiny params (T=10, a one-layer MLP, 20 training steps) on the CPU:
+- `dvc repro` in a throw-away git copy of this repository writes every output, the metrics
+  are finite, `dvc status` is clean, a second `dvc repro` runs nothing, `dvc metrics/plots
+  show` work, and every stage dvc.yaml lists depends on the code it runs;
+- the stages of one repro log into ONE MLflow run (git commit and data manifest tags, train
+  metrics, figures, eval metrics), which a user finds through `mlflow server`'s REST API;
+- both presets load and run end to end, side by side in one MLflow experiment;
+- the evaluate stage's quality metrics rank real images above independent-pixel samples
+  above noise; missing inputs give errors that name the missing file.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+STAGES = ("prepare", "train", "sample", "evaluate")
+
+# Tiny values for params.yaml / the presets: keys that must already exist (nothing is added).
+TINY = {
+    "diffusion": {"num_steps": 10},
+    "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
+    "train": {"max_steps": 20, "warmup_steps": 2, "batch_size": 32, "val_every": 10, "val_batch_size": 256,
+              "val_chunk": 10, "checkpoint_every": 10, "log_every": 5},
+    "sample": {"num_samples": 50, "num_steps": 5, "batch_size": 50},
+    "evaluate": {"batch_size": 256, "chunk": 10, "classifier_epochs": 3, "comparison_steps": [2, 5],
+                 "comparison_samples": 20},
+}
+
+OUTPUTS = [
+    "data/shards/manifest.json", "models/model.safetensors", "models/model.json", "plots/val_curve.tsv",
+    "samples/samples.safetensors", "samples/grid.png", "figures/fig2a_real.png", "figures/fig2b_samples.png",
+    "figures/fig2c_forward_noise.png", "figures/fig2d_val_curve.png", "figures/trajectory.png", "metrics.json",
+    "plots/sampler_comparison.tsv",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _env(**extra: str | None) -> dict[str, str]:
+    """The environment of the pipeline's subprocesses: the venv first on PATH, the CPU only,
+    one thread each (two shared cores), no tracking/launcher settings from the caller;
+    ``extra`` sets variables (None removes one)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "ACCELERATE_USE_CPU",
+                 "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "DDGM_WORKDIR", "PYTHONPATH"):
+        env.pop(name, None)
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test",
+               GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@example.com")
+    for name, value in extra.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True, **env: str | None):
+    r = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scaled(values: dict, overrides: dict = TINY) -> dict:
+    """``values`` with ``overrides`` applied; every overridden key must already exist."""
+    out = copy.deepcopy(values)
+    for section, changes in overrides.items():
+        for key, value in changes.items():
+            assert key in out[section], f"{section}.{key} is not a params key"
+            out[section][key] = value
+    return out
+
+
+def copy_repo(dest: Path) -> None:
+    """The tracked files of this repository, as they are in the working tree, in a fresh git repo."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if source.is_file():  # tracked but deleted in the working tree: leave it out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def git_commit_all(repo: Path, message: str) -> str:
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-q", "--no-verify", "-m", message], repo)
+    return _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+
+def _mlflow_client(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+
+def _artifact_files(client, run_id: str, path: str | None = None) -> dict[str, int]:
+    files = {}
+    for info in client.list_artifacts(run_id, path):
+        files.update(_artifact_files(client, run_id, info.path) if info.is_dir else {info.path: info.file_size})
+    return files
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to a process group started with start_new_session=True."""
+    if proc.poll() is None:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    try:  # the group may outlive its leader (uvicorn workers)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --------------------------------------------------------------------------- dvc repro
+
+
+@dataclass
+class Repro:
+    repo: Path
+    commit: str
+    output: str
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory) -> Repro:
+    """A copy of the repository with tiny params (committed), after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("repro") / "repo"
+    copy_repo(repo)
+    for stale in ("dvc.lock",):  # a committed lock file would describe other params
+        (repo / stale).unlink(missing_ok=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(scaled(params), sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    commit = git_commit_all(repo, "tiny params")
+    # as a user runs it: Python writes bytecode into the code directories the stages depend on
+    r = _run(["dvc", "repro"], repo, timeout=600, PYTHONDONTWRITEBYTECODE=None)
+    return Repro(repo, commit, r.stdout + r.stderr)
+
+
+@pytest.mark.slow
+def test_dvc_repro_writes_every_output(repro):
+    from safetensors.torch import load_file
+
+    from ddgm.serialization import load_model
+
+    repo = repro.repo
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in repro.output, repro.output
+    missing = [name for name in OUTPUTS if not (repo / name).is_file()]
+    assert not missing, f"missing outputs {missing}:\n{repro.output}"
+    checkpoints = sorted(p.name for p in (repo / "checkpoints").glob("step-*"))
+    assert checkpoints == ["step-00000010", "step-00000020"]  # checkpoint_every=10, keep_checkpoints=2
+
+    model = load_model(repo / "models" / "model")
+    assert model.num_steps == 10 and model.config.network.kind == "mlp"
+    samples = load_file(str(repo / "samples" / "samples.safetensors"))["images"]
+    assert tuple(samples.shape) == (50, *model.config.image_shape)
+    assert int(samples.min()) >= 0 and int(samples.max()) < model.num_levels
+
+    metrics = json.loads((repo / "metrics.json").read_text())
+    for key in ("test/total_bpd", "val/total_bpd", "test/prior_bpd", "test/diffusion_bpd", "test/decoder_bpd",
+                "test/nelbo_nats_per_image", "fd/samples_vs_test", "fd/floor_train_vs_test",
+                "fd/heldout_val_vs_test", "fd/pixel_categorical_vs_test", "is/samples", "is/test",
+                "classifier/test_accuracy", "nn/samples_to_train", "baseline/uniform_bpd",
+                "sampler/ddim_2_fd", "sampler/ddim_5_fd", "sampler/ancestral_10_fd"):
+        assert key in metrics, sorted(metrics)
+    bad = {k: v for k, v in metrics.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
+    assert not bad, bad
+    assert metrics["test/total_bpd"] > 0 and metrics["baseline/uniform_bpd"] == pytest.approx(math.log2(17), abs=1e-5)
+
+    curve = (repo / "plots" / "val_curve.tsv").read_text().splitlines()
+    assert curve[0].split("\t")[:2] == ["step", "val_bpd"]
+    assert [float(line.split("\t")[0]) for line in curve[1:]] == [10.0, 20.0]
+    table = [line.split("\t") for line in (repo / "plots" / "sampler_comparison.tsv").read_text().splitlines()]
+    assert table[0] == ["sampler", "steps", "seconds", "fd_vs_test"]
+    assert [(row[0], int(row[1])) for row in table[1:]] == [("ddim", 2), ("ddim", 5), ("ancestral", 10)]
+    assert float(table[3][3]) == pytest.approx(metrics["sampler/ancestral_10_fd"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_dvc_status_clean_and_second_repro_runs_nothing(repro):
+    repo = repro.repo
+    status = _run(["dvc", "status", "--json"], repo)
+    assert json.loads(status.stdout) == {}, status.stdout
+    before = {name: (repo / name).stat().st_mtime_ns for name in OUTPUTS}
+
+    # bytecode of another interpreter (or optimisation level) in the code directories is no change
+    _run([sys.executable, "-m", "compileall", "-q", "-o", "2", "ddgm", "pipeline"], repo)
+    assert list((repo / "ddgm" / "data" / "__pycache__").glob("*.opt-2.pyc"))
+    status = _run(["dvc", "status", "--json"], repo)
+    assert json.loads(status.stdout) == {}, status.stdout
+
+    r = _run(["dvc", "repro"], repo)
+    out = r.stdout + r.stderr
+    assert "Running stage" not in out, out
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+    assert "Data and pipelines are up to date." in out, out
+    assert {name: (repo / name).stat().st_mtime_ns for name in OUTPUTS} == before
+
+    # every output is ignored by git (or, for dvc.lock, staged by DVC's autostage)
+    porcelain = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout.splitlines()
+    assert porcelain == ["A  dvc.lock"], porcelain
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == sorted(STAGES)
+
+
+@pytest.mark.slow
+def test_dvc_metrics_and_plots_show(repro, tmp_path):
+    repo = repro.repo
+    metrics = json.loads((repo / "metrics.json").read_text())
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    (revision,) = shown.values()  # the workspace
+    assert revision["data"]["metrics.json"]["data"] == metrics
+
+    table = _run(["dvc", "metrics", "show"], repo).stdout
+    assert "metrics.json" in table and "test/total_bpd" in table
+
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert {"plots/val_curve.tsv", "plots/sampler_comparison.tsv"} <= set(plots["data"])
+    values = plots["data"]["plots/val_curve.tsv"][0]["content"]["data"]["values"]
+    assert [float(v["step"]) for v in values] == [10.0, 20.0]
+
+    html = tmp_path / "plots"
+    _run(["dvc", "plots", "show", "-o", str(html)], repo)
+    assert (html / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_dvc_stages_depend_on_the_code_they_run():
+    """Every module of this repository that a stage imports is listed in that stage's deps, so
+    DVC reruns the stage when that code changes. (An upstream stage's deps are not enough: a
+    loader change reruns prepare, but its shards come out the same and train would be skipped.)"""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def trivial(path: Path) -> bool:  # an __init__.py with nothing but a docstring
+        body = ast.parse(path.read_text()).body
+        return path.name == "__init__.py" and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                                   for n in body)
+
+    probe = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+             "print(json.dumps(sorted(getattr(m, '__file__', None) or '' for m in list(sys.modules.values()))))")
+    problems = {}
+    for stage, spec in stages.items():
+        words = spec["cmd"].split()
+        module = words[words.index("-m") + 1]
+        files = {Path(f).resolve() for f in json.loads(_run([sys.executable, "-c", probe, module], ROOT).stdout) if f}
+        mine = sorted(f.relative_to(ROOT).as_posix() for f in files
+                      if f.is_relative_to(ROOT) and f.relative_to(ROOT).parts[0] in ("ddgm", "pipeline"))
+        assert f"pipeline/{stage}.py" in mine
+        deps = [next(iter(d)) if isinstance(d, dict) else d for d in spec["deps"]]
+        missing = [f for f in mine if not trivial(ROOT / f)
+                   and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
+        if missing:
+            problems[stage] = missing
+    assert not problems, f"modules the stages run but do not depend on: {problems}"
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@pytest.mark.slow
+def test_one_mlflow_run_for_all_stages(repro):
+    repo = repro.repo
+    client = _mlflow_client(repo / "mlflow.db")
+    experiment = client.get_experiment_by_name("ddgm")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert json.loads((repo / "models" / "run.json").read_text())["run_id"] == run.info.run_id
+
+    tags = run.data.tags
+    assert tags["git.commit"] == repro.commit  # a clean checkout: no "-dirty"
+    assert tags["data.manifest_sha256"] == _sha256(repo / "data" / "shards" / "manifest.json")
+
+    params = run.data.params
+    assert params["model.formulation"] == "epsilon" and params["train.max_steps"] == "20"
+    assert params["num_processes"] == "1"
+
+    metrics = run.data.metrics
+    for key in ("train/loss", "train/lr", "val/total_bpd", "best/val_bpd", "sample/seconds"):
+        assert key in metrics, sorted(metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10, 15, 20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/total_bpd")] == [10, 20]
+    evaluated = json.loads((repo / "metrics.json").read_text())
+    assert {k: metrics[f"eval/{k}"] for k in evaluated} == pytest.approx(evaluated)
+
+    files = _artifact_files(client, run.info.run_id)
+    expected = {"model/model.safetensors", "model/model.json", "model/val_curve.tsv", "figures/grid.png",
+                "figures/fig2a_real.png", "figures/fig2b_samples.png", "figures/fig2c_forward_noise.png",
+                "figures/fig2d_val_curve.png", "figures/trajectory.png", "evaluation/metrics.json",
+                "evaluation/sampler_comparison.tsv"}
+    assert expected <= set(files), sorted(files)
+    assert files["model/model.safetensors"] == (repo / "models" / "model.safetensors").stat().st_size
+
+
+def test_git_commit_tag_ignores_dvc_lock(tmp_path, monkeypatch):
+    """dvc repro rewrites dvc.lock after each stage; that must not mark the next stage's run dirty."""
+    from pipeline.common import git_commit
+
+    _run(["git", "init", "-q"], tmp_path)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    (tmp_path / "sub" / "dvc.lock").write_text("schema: '2.0'\n")
+    head = git_commit_all(tmp_path, "init")
+    monkeypatch.chdir(tmp_path)
+    assert git_commit() == head
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (tmp_path / "sub" / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert git_commit() == head
+    (tmp_path / "untracked.txt").write_text("new")
+    assert git_commit() == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit() == head + "-dirty"
+    monkeypatch.chdir(tmp_path / "sub")  # from a subdirectory the whole tree counts
+    assert git_commit() == head + "-dirty"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(repro, tmp_path_factory):
+    """`mlflow server` on the repro's sqlite store (its artifacts are local paths it serves)."""
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = workdir / "server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            ["mlflow", "server", "--backend-store-uri", f"sqlite:///{repro.repo / 'mlflow.db'}",
+             "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            cwd=workdir, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow server exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer in 120 s:\n{log.read_text()[-4000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(proc)
+
+
+def _get(url: str, endpoint: str, **query) -> dict:
+    with urllib.request.urlopen(f"{url}{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{url}{endpoint}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_server_rest_api_finds_the_run(repro, mlflow_server):
+    repo, url = repro.repo, mlflow_server
+    experiment = _get(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="ddgm")["experiment"]
+    found = _post(url, "/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [experiment["experiment_id"]],
+        "filter": f"tags.`git.commit` = '{repro.commit}' and params.`model.formulation` = 'epsilon'",
+    })["runs"]
+    assert len(found) == 1, found
+    run = found[0]
+    run_id = run["info"]["run_id"]
+    assert json.loads((repo / "models" / "run.json").read_text())["run_id"] == run_id
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["model.schedule.num_steps"] == "10" and params["train.batch_size"] == "32"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["data.manifest_sha256"] == _sha256(repo / "data" / "shards" / "manifest.json")
+
+    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
+    assert [m["step"] for m in history] == [5, 10, 15, 20]
+    assert all(math.isfinite(m["value"]) for m in history)
+    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val/total_bpd")["metrics"]
+    curve = (repo / "plots" / "val_curve.tsv").read_text().splitlines()[1:]
+    assert [(m["step"], round(m["value"], 3)) for m in history] == [
+        (int(float(line.split("\t")[0])), round(float(line.split("\t")[1]), 3)) for line in curve]
+    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                   metric_key="eval/test/total_bpd")["metrics"]
+    assert [m["value"] for m in history] == pytest.approx(
+        [json.loads((repo / "metrics.json").read_text())["test/total_bpd"]])
+
+    listed = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="model")["files"]
+    sizes = {f["path"]: f.get("file_size") for f in listed}
+    local = repo / "models" / "model.safetensors"
+    assert sizes.get("model/model.safetensors") == local.stat().st_size, sizes
+    listed = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="figures")["files"]
+    assert {"figures/fig2b_samples.png", "figures/fig2d_val_curve.png"} <= {f["path"] for f in listed}
+    query = urllib.parse.urlencode({"run_id": run_id, "path": "model/model.safetensors"})
+    with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=30) as response:
+        assert hashlib.sha256(response.read()).hexdigest() == _sha256(local)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+PRESETS = ("article", "ho")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_loads_and_has_every_params_key(name):
+    from ddgm.data.params import load_data_params
+    from ddgm.params import load_params
+
+    path = ROOT / "presets" / f"{name}.yaml"
+    params = load_params(path)
+    load_data_params(path)
+    preset = yaml.safe_load(path.read_text())
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert {s: sorted(v) for s, v in preset.items()} == {s: sorted(v) for s, v in default.items()}
+    if name == "article":
+        assert (params.model.formulation, params.model.decoder, params.sample.sampler) == (
+            "article", "continuous", "ancestral")
+    else:
+        assert (params.model.formulation, params.train.objective, params.diffusion.schedule) == (
+            "epsilon", "hybrid", "linear")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Shards of the default data section (digits), prepared once for this module."""
+    work = tmp_path_factory.mktemp("prepared")
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    _run([sys.executable, "-m", "pipeline.prepare", "--params", "params.yaml"], work, timeout=300)
+    assert (work / "data" / "shards" / "manifest.json").is_file()
+    return work / "data" / "shards"
+
+
+def preset_tiny(name: str, shards: Path, tracking_uri: str) -> dict:
+    """The preset at tiny scale: its formulation, objective, schedule, decoder and sampler kept."""
+    preset = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
+    overrides = copy.deepcopy(TINY)
+    overrides["diffusion"]["num_steps"] = min(preset["diffusion"]["num_steps"], 10)  # the article's T=5 stays
+    del overrides["model"]["network"]  # the article's MLP per level, Ho's U-Net
+    overrides["model"].update(base_channels=8, num_res_blocks=1)
+    overrides["train"].update(shards=str(shards), max_steps=10, val_every=5, checkpoint_every=5, log_every=5)
+    overrides["sample"]["num_steps"] = preset["sample"]["num_steps"] and 5  # null (every level) stays null
+    overrides["evaluate"]["comparison_steps"] = [2, 5] if preset["evaluate"]["comparison_steps"] else []
+    overrides["tracking"] = {"uri": tracking_uri, "experiment": "presets"}
+    return scaled(preset, overrides)
+
+
+@pytest.fixture(scope="module")
+def preset_run(prepared, tmp_path_factory):
+    """run(name) -> its directory, after train -> sample -> evaluate of the tiny preset there (once
+    per module); all presets log to one MLflow store, ``run.db``."""
+    work = tmp_path_factory.mktemp("presets")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    done: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            directory = work / name
+            directory.mkdir()
+            params = preset_tiny(name, prepared, uri)
+            (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            for stage in ("train", "sample", "evaluate"):
+                _run([sys.executable, "-m", f"pipeline.{stage}", "--params", "params.yaml"], directory, timeout=300)
+            done[name] = directory
+        return done[name]
+
+    run.db = work / "mlflow.db"
+    return run
+
+
+@pytest.mark.slow
+def test_article_preset_end_to_end(preset_run):
+    from ddgm.serialization import load_model
+
+    directory = preset_run("article")
+    model = load_model(directory / "models" / "model")
+    assert (model.config.formulation, model.num_steps, model.config.schedule.name) == ("article", 5, "constant")
+    assert (model.config.decoder, model.config.network.kind) == ("continuous", "mlp")
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert all(math.isfinite(v) for v in metrics.values())
+    for split in ("val", "test"):  # the exact discrete bits/dim AND the article's own continuous bound
+        assert metrics[f"{split}/total_bpd"] > 0
+        assert f"{split}/continuous_nelbo_nats_per_image" in metrics
+    # the article's model is sampled ancestrally, over all of its T=5 levels only
+    assert [k for k in metrics if k.startswith("sampler/") and k.endswith("_fd")] == ["sampler/ancestral_5_fd"]
+
+
+@pytest.mark.slow
+def test_ho_preset_end_to_end(preset_run):
+    from ddgm.serialization import load_model
+
+    directory = preset_run("ho")
+    model = load_model(directory / "models" / "model")
+    assert (model.config.formulation, model.num_steps, model.config.schedule.name) == ("epsilon", 10, "linear")
+    assert (model.config.variance, model.config.decoder, model.config.network.kind) == (
+        "learned_range", "discretized", "unet")
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert "test/continuous_nelbo_nats_per_image" not in metrics
+    assert {"sampler/ddim_2_fd", "sampler/ddim_5_fd", "sampler/ancestral_10_fd"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_presets_side_by_side_in_one_experiment(preset_run):
+    for name in PRESETS:
+        preset_run(name)
+    client = _mlflow_client(preset_run.db)
+    experiment = client.get_experiment_by_name("presets")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    by_formulation = {r.data.params["model.formulation"]: r for r in runs}
+    assert set(by_formulation) == {"article", "epsilon"}
+    expected = {"article": ("article-T5", "full_elbo", "adamax"), "epsilon": ("ho-T1000", "hybrid", "adamw")}
+    for formulation, run in by_formulation.items():
+        name, objective, optimizer = expected[formulation]
+        assert run.info.status == "FINISHED" and run.info.run_name == name  # the presets' run names
+        assert (run.data.params["train.objective"], run.data.params["train.optimizer"]) == (objective, optimizer)
+        assert "eval/test/total_bpd" in run.data.metrics and "train/loss" in run.data.metrics
+        assert "model/model.safetensors" in _artifact_files(client, run.info.run_id, "model")
+    assert "eval/test/continuous_nelbo_nats_per_image" in by_formulation["article"].data.metrics
+
+
+# --------------------------------------------------------------------------- evaluate stage
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")  # several times faster on two shared cores
+def test_quality_metrics_rank_real_above_pixel_model_above_noise(prepared):
+    import torch
+
+    from ddgm.data import load_split, read_manifest
+    from ddgm.evaluation import PixelCategorical
+    from pipeline.evaluate import quality_metrics
+
+    levels = read_manifest(prepared).num_levels
+    train_x, _ = load_split(prepared, "train")
+    real, _ = load_split(prepared, "val")
+    n, seed = len(real), 0
+    candidates = {
+        "real": real,
+        # the same draw quality_metrics makes for its own pixel-model reference
+        "pixel": PixelCategorical.fit(train_x, levels).sample(n, torch.Generator().manual_seed(seed)),
+        "noise": torch.randint(0, levels, real.shape, generator=torch.Generator().manual_seed(1)).to(real.dtype),
+    }
+    results = {name: quality_metrics(images, str(prepared), levels, 10, seed)[0]
+               for name, images in candidates.items()}
+    fd = {name: m["fd/samples_vs_test"] for name, m in results.items()}
+    score = {name: m["is/samples"] for name, m in results.items()}
+    nn = {name: m["nn/samples_to_train"] for name, m in results.items()}
+    assert fd["real"] < fd["pixel"] < fd["noise"], fd
+    assert score["real"] > score["pixel"] > score["noise"], score
+    assert nn["real"] < nn["pixel"] < nn["noise"], nn
+    # the references are the same computations on the same images
+    reference = results["real"]
+    assert fd["real"] == pytest.approx(reference["fd/heldout_val_vs_test"])
+    assert fd["pixel"] == pytest.approx(reference["fd/pixel_categorical_vs_test"])
+    assert reference["fd/floor_train_vs_test"] < fd["pixel"]
+    assert reference["classifier/test_accuracy"] > 0.5
+
+
+def _tiny_params_file(directory: Path, shards: str = "data/shards") -> Path:
+    params = scaled(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["train"]["shards"] = shards
+    params["tracking"]["enabled"] = False
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("stage", ["sample", "evaluate"])
+def test_stage_without_a_model_names_the_missing_file(stage, tmp_path, monkeypatch):
+    import importlib
+
+    _tiny_params_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"pipeline.{stage}").main
+    with pytest.raises(FileNotFoundError, match=r"models/model\.json"):
+        main(["--params", "params.yaml"])
+
+
+def test_evaluate_without_samples_names_the_missing_file(tmp_path, monkeypatch):
+    from ddgm.models import build_model
+    from ddgm.params import load_params, model_config
+    from ddgm.serialization import save_model
+    from pipeline.evaluate import main
+
+    path = _tiny_params_file(tmp_path)
+    model = build_model(model_config(load_params(path), (1, 8, 8), 17))
+    save_model(model, tmp_path / "models" / "model")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"samples/samples\.safetensors"):
+        main(["--params", "params.yaml"])
+    assert not (tmp_path / "metrics.json").exists()
