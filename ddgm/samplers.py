@@ -32,7 +32,7 @@ class SampleOutput:
 
 
 def timestep_subset(num_steps: int, count: int) -> list[int]:
-    """``count`` levels evenly spread over 1..T, always including 1 and T."""
+    """``count`` levels evenly spread over 1..T, always including T (and 1 when count > 1)."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_steps:
         raise ValueError(f"num_sample_steps must be an integer in [1, {num_steps}], got {count!r}")
     if count == 1:
