@@ -301,6 +301,22 @@ def test_checkpoints_of_other_params_are_ignored_and_kept_aside(tmp_path, monkey
     assert "resumed from checkpoints/step-00000010 at step 10" in capsys.readouterr().out and result.step == 15
 
 
+def test_fresh_start_does_not_inherit_the_old_runs_curve(tmp_path, monkeypatch, digits_shards):
+    """Other params, stopped before their first validation, then resumed: the curve holds only
+    the new run's rows (not the old run's row at step 10)."""
+    monkeypatch.chdir(tmp_path)
+    run(tiny(digits_shards, max_steps=20))
+    assert [row["step"] for row in read_curve(tmp_path / "plots/val_curve.tsv")] == [10, 20]
+    values = tiny(digits_shards, max_steps=20, val_every=20, lr=2e-3)
+    stop = StopSignal()
+    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng(stop, stop_at=12))
+    with pytest.raises(Preempted):
+        run(values, stop=stop)
+    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng())
+    run(values)
+    assert [row["step"] for row in read_curve(tmp_path / "plots/val_curve.tsv")] == [20]
+
+
 def test_resume_false_starts_from_scratch(tmp_path, monkeypatch, digits_shards, capsys):
     monkeypatch.chdir(tmp_path)
     run(tiny(digits_shards, max_steps=10))

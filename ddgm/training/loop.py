@@ -187,6 +187,8 @@ def train(
             moved = ckpt.supersede(checkpoint_dir, extra=(BEST_WEIGHTS,))
             if moved is not None:
                 accelerator.print(f"starting from scratch: moved the earlier run's checkpoints to {moved}")
+            if curve_path.exists():  # else a resume before the first validation would keep its rows
+                _write_curve(curve_path, [])
         accelerator.wait_for_everyone()
     if latest is not None:
         accelerator.load_state(str(latest))
