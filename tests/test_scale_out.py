@@ -1,0 +1,377 @@
+"""Scale-out of the real training stage (issue 6), on CPU processes of this machine:
+
+- the README's two-process command, `accelerate launch --config_file infra/accelerate/cpu_2proc.yaml
+  -m pipeline.train`, trains and writes models/ and one MLflow run;
+- two simulated nodes, each started by infra/launch.sh (with multi_node_static.yaml) in its own
+  working directory, sharing only the shards, the checkpoint directory and the tracking store,
+  end with identical weights on both ranks; only node 0 writes models/;
+- SIGTERM to infra/launch.sh in the middle of a two-process run: a checkpoint, exit 75, and the
+  rerun resumes and ends with the same weights, bit for bit, as an uninterrupted run;
+- a DVC local remote round trip of the pipeline's real shards and model.
+
+(The accelerate configs' loading and launch.sh's command lines are checked in test_infra.py;
+the training loop's own distributed tests are in test_training*.py.)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ACC = ROOT / "infra" / "accelerate"
+LAUNCH = ROOT / "infra" / "launch.sh"
+VENV_BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+# Tiny values for params.yaml (keys that exist there). 300 short steps: long enough (seconds) to be
+# stopped in the middle, with a checkpoint every 10 steps and validation every 100.
+TINY = {
+    "diffusion": {"num_steps": 10},
+    "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
+    "train": {"max_steps": 300, "warmup_steps": 2, "batch_size": 32, "val_every": 100, "val_batch_size": 350,
+              "val_chunk": 10, "checkpoint_every": 10, "log_every": 10},
+}
+
+# Stands in for pipeline.train on each rank: runs its main(), then saves this rank's own online
+# and EMA weights (the library writes models/ and checkpoint weights from rank 0 only).
+RANK_WEIGHTS = textwrap.dedent(
+    """
+    import os, sys
+    from safetensors.torch import save_file
+    import ddgm.training.loop as loop
+
+    objectives, emas = [], []
+
+    class RecordingObjective(loop.ObjectiveModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            objectives.append(self)
+
+    class RecordingEMA(loop.EMA):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            emas.append(self)
+
+    loop.ObjectiveModule, loop.EMA = RecordingObjective, RecordingEMA
+    from pipeline.train import main
+
+    code = main(sys.argv[1:])
+    rank = int(os.environ["RANK"])
+    for name, module in (("model", objectives[0].model), ("ema", emas[0].ema_model)):
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, f"rank{rank}-{name}.safetensors")
+    print(f"RANK {rank} OF {os.environ['WORLD_SIZE']} SAVED, exit {code}", flush=True)
+    sys.exit(code)
+    """
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _env(**extra: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    for name in ("MLFLOW_TRACKING_URI", "ACCELERATE_USE_CPU", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "DDGM_WORKDIR",
+                 "PYTHONPATH", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT",
+                 "ACCELERATE_CONFIG", "TRAIN_MODULE", "MIXED_PRECISION"):
+        env.pop(name, None)
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test",
+               GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@example.com")
+    for name, value in extra.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str | None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _start(cmd: list[str], cwd: Path, log: Path, **env: str | None) -> subprocess.Popen:
+    with open(log, "a") as fh:
+        return subprocess.Popen(cmd, cwd=cwd, env=_env(**env), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Test cleanup: SIGKILL the whole process group (the launcher and its ranks)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    end = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            break
+    return [proc.poll() for proc in procs]
+
+
+def scaled(values: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(values)
+    for section, changes in overrides.items():
+        for key, value in changes.items():
+            assert key in out[section], f"{section}.{key} is not a params key"
+            out[section][key] = value
+    return out
+
+
+def write_params(path: Path, shards: Path | str, tracking_uri: str, **train) -> Path:
+    overrides = copy.deepcopy(TINY)
+    overrides["train"].update(shards=str(shards), **train)
+    overrides["tracking"] = {"uri": tracking_uri, "experiment": "scale-out"}
+    params = scaled(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _weights(path: Path, strip: str = "") -> dict:
+    from safetensors.torch import load_file
+
+    return {k.removeprefix(strip): v for k, v in load_file(str(path)).items()}
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    import torch
+
+    assert a.keys() == b.keys(), what
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{what}: {differ[:5]} differ"
+
+
+def _runs(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("scale-out")
+    return client, (client.search_runs([experiment.experiment_id]) if experiment else [])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The digits shards, prepared once by the prepare stage."""
+    work = tmp_path_factory.mktemp("prepare")
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    _run([sys.executable, "-m", "pipeline.prepare", "--params", "params.yaml"], work)
+    return work / "data" / "shards"
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+@pytest.fixture(scope="module")
+def two_process_run(shards, tmp_path_factory):
+    """The README's command: `accelerate launch --config_file infra/accelerate/cpu_2proc.yaml
+    -m pipeline.train`, run to the end (also the reference for the preemption test)."""
+    work = tmp_path_factory.mktemp("two-process")
+    write_params(work / "params.yaml", shards, f"sqlite:///{work / 'mlflow.db'}")
+    r = _run(["accelerate", "launch", "--config_file", str(ACC / "cpu_2proc.yaml"), "-m", "pipeline.train",
+              "--params", "params.yaml"], work, timeout=420, ACCELERATE_USE_CPU="true")
+    return work, r.stdout + r.stderr
+
+
+def test_cpu_2proc_config_trains_the_pipeline(two_process_run):
+    from ddgm.serialization import load_model
+
+    work, output = two_process_run
+    assert "trained 300 steps" in output, output[-3000:]
+    model = load_model(work / "models" / "model")
+    assert model.num_steps == 10
+    assert (work / "models" / "run.json").is_file() and (work / "plots" / "val_curve.tsv").is_file()
+    final = work / "checkpoints" / "step-00000300"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "ema.safetensors"} <= {
+        p.name for p in final.iterdir()}  # both ranks saved their state
+    client, runs = _runs(work / "mlflow.db")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num_processes"] == "2" and run.data.params["train.batch_size"] == "32"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/total_bpd")] == [100, 200, 300]
+
+
+# --------------------------------------------------------------------------- two simulated nodes
+
+
+def test_two_nodes_via_launch_sh_end_with_identical_weights(shards, tmp_path):
+    """Each node: infra/launch.sh with NNODES=2, its NODE_RANK, one CPU rank, its own DDGM_WORKDIR;
+    shared: the params file, DDGM_SHARDS, DDGM_CHECKPOINT_DIR and the tracking store."""
+    shared = tmp_path / "shared"
+    params = write_params(shared / "params.yaml", "data/shards-not-on-this-node", f"sqlite:///{shared / 'mlflow.db'}",
+                          max_steps=20, val_every=10)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "rank_weights.py").write_text(RANK_WEIGHTS)
+    port = _free_port()
+    procs, logs = [], []
+    try:
+        for node in range(2):
+            logs.append(tmp_path / f"node{node}.log")
+            procs.append(_start(
+                ["bash", str(LAUNCH), "--params", str(params)], ROOT, logs[-1],
+                NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                ACCELERATE_CONFIG=str(ACC / "multi_node_static.yaml"), DDGM_WORKDIR=str(tmp_path / f"node{node}"),
+                DDGM_SHARDS=str(shards), DDGM_CHECKPOINT_DIR=str(shared / "checkpoints"),
+                TRAIN_MODULE="rank_weights", PYTHONPATH=str(lib)))
+        codes = _wait(procs, 300)
+    finally:
+        for proc in procs:
+            _kill(proc)
+    text = "\n".join(f"--- {log.name}\n{log.read_text()[-5000:]}" for log in logs)
+    assert codes == [0, 0], text
+    assert "RANK 0 OF 2 SAVED, exit 0" in logs[0].read_text(), text
+    assert "RANK 1 OF 2 SAVED, exit 0" in logs[1].read_text(), text
+
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    for kind in ("model", "ema"):
+        assert_same_tensors(_weights(node0 / f"rank0-{kind}.safetensors"),
+                            _weights(node1 / f"rank1-{kind}.safetensors"), f"{kind} weights of the two nodes")
+    final = shared / "checkpoints" / "step-00000020"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in final.iterdir()}
+    assert_same_tensors(_weights(final / "model.safetensors", "model."), _weights(node1 / "rank1-model.safetensors"),
+                        "rank 1's weights vs the checkpoint")
+    # only the main process writes models/ and the curve: on node 0, in node 0's working directory
+    assert (node0 / "models" / "model.safetensors").is_file() and (node0 / "plots" / "val_curve.tsv").is_file()
+    assert not (node1 / "models").exists() and not (node1 / "plots").exists()
+    assert not (ROOT / "data" / "shards-not-on-this-node").exists()  # DDGM_SHARDS was used
+    _, runs = _runs(shared / "mlflow.db")
+    assert len(runs) == 1 and runs[0].data.params["num_processes"] == "2"
+    assert runs[0].data.tags["data.location"] == str(shards)
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_to_launch_sh_checkpoints_exits_75_and_resumes_to_the_same_weights(
+        shards, two_process_run, tmp_path):
+    reference, _ = two_process_run
+    work = tmp_path / "run"
+    write_params(work / "params.yaml", shards, f"sqlite:///{work / 'mlflow.db'}")
+    log = work / "train.log"
+
+    def launch() -> subprocess.Popen:
+        return _start(["bash", str(LAUNCH), "--params", "params.yaml"], work, log, NPROC_PER_NODE="2",
+                      MASTER_PORT=str(_free_port()), DDGM_WORKDIR=str(work))
+
+    proc = launch()
+    try:
+        first = work / "checkpoints" / "step-00000010"
+        end = time.monotonic() + 240
+        while not first.exists():
+            assert proc.poll() is None, f"training ended ({proc.returncode}) before {first}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < end, f"no checkpoint within 240 s:\n{log.read_text()[-4000:]}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        (code,) = _wait([proc], 180)
+    finally:
+        _kill(proc)
+    text = log.read_text()
+    assert code == 75, text[-5000:]
+    assert text.count("stopped by signal at step ") == 2, text[-5000:]  # both ranks
+    stopped = int(text.split("stopped by signal at step ")[1].split(";")[0])
+    assert 10 <= stopped < 300, text[-3000:]
+    assert sorted(p.name for p in (work / "checkpoints").glob("step-*"))[-1] == f"step-{stopped:08d}"
+    assert not (work / "models").exists()
+    _, runs = _runs(work / "mlflow.db")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+    proc = launch()
+    try:
+        (code,) = _wait([proc], 300)
+    finally:
+        _kill(proc)
+    text = log.read_text()
+    assert code == 0, text[-5000:]
+    assert f"resumed from checkpoints/step-{stopped:08d} at step {stopped}" in text, text[-3000:]
+    _, runs = _runs(work / "mlflow.db")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the same run, resumed
+
+    final = "checkpoints/step-00000300"
+    for name in ("models/model.safetensors", f"{final}/model.safetensors", f"{final}/ema.safetensors"):
+        assert_same_tensors(_weights(work / name), _weights(reference / name), name)
+    assert (work / "plots" / "val_curve.tsv").read_text() == (reference / "plots" / "val_curve.tsv").read_text()
+
+
+# --------------------------------------------------------------------------- DVC remote
+
+
+def copy_repo(dest: Path) -> None:
+    """The tracked files of this repository, as they are in the working tree."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def test_dvc_local_remote_round_trip_of_pipeline_outputs(tmp_path):
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    copy_repo(repo)
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    write_params(repo / "params.yaml", "data/shards", "sqlite:///mlflow.db", max_steps=20, val_every=10)
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-q", "--no-verify", "-m", "tiny params"], repo)
+    _run(["dvc", "repro", "train"], repo, timeout=420)
+    _run(["dvc", "remote", "add", "-d", "local", str(remote)], repo)
+    _run(["dvc", "push", "--with-deps", "train"], repo)
+
+    outputs = sorted(p for d in ("data/shards", "models") for p in (repo / d).rglob("*") if p.is_file())
+    assert {"manifest.json", "model.safetensors", "model.json"} <= {p.name for p in outputs}
+    before = {p.relative_to(repo): _sha256(p) for p in outputs}
+    assert len(list(p for p in remote.rglob("*") if p.is_file())) >= len(before)
+
+    shutil.rmtree(repo / "data" / "shards")
+    shutil.rmtree(repo / "models")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run(["dvc", "pull", "--with-deps", "train"], repo)  # samples/ and figures/ were never made
+    after = {p.relative_to(repo): _sha256(p) for d in ("data/shards", "models") for p in (repo / d).rglob("*")
+             if p.is_file()}
+    assert after == before
+    status = _run(["dvc", "status", "train"], repo).stdout
+    assert "up to date" in status, status
+
+    from ddgm.data import read_manifest, verify_shards
+    from ddgm.serialization import load_model
+
+    verify_shards(repo / "data" / "shards", ["train", "val", "test"])  # sha256 of every shard vs the manifest
+    assert read_manifest(repo / "data" / "shards").splits["train"] == 1000
+    assert load_model(repo / "models" / "model").num_steps == 10
