@@ -363,7 +363,7 @@ def test_git_commit_tag_ignores_dvc_lock(tmp_path, monkeypatch):
     assert git_commit() == head + "-dirty"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def mlflow_server(repro, tmp_path_factory):
     """`mlflow server` on the repro's sqlite store (its artifacts are local paths it serves)."""
     workdir = tmp_path_factory.mktemp("mlflow-server")
