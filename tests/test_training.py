@@ -601,3 +601,20 @@ def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, m
     assert len(mlflow_warnings) == 1, [str(w.message) for w in warned]
     assert f"127.0.0.1:{port}" in str(mlflow_warnings[0].message)
     assert (tmp_path / "models/model.safetensors").is_file() and (tmp_path / "checkpoints/step-00000010").is_dir()
+
+
+def test_fingerprint_covers_params_data_and_code(monkeypatch):
+    from ddgm.training import loop
+
+    params = params_from_dict({"model": {"network": "mlp", "hidden_dim": 32, "depth": 1}})
+    config = loop.model_config(params, (1, 8, 8), 17)
+    base = loop.fingerprint(params, config, "data-a")
+    assert base == loop.fingerprint(params, config, "data-a")
+    assert base != loop.fingerprint(params, config, "data-b")  # new shards: start over
+    params.train.max_steps += 100  # more steps may continue the same run
+    assert base == loop.fingerprint(params, config, "data-a")
+    params.train.lr *= 2
+    assert base != loop.fingerprint(params, config, "data-a")
+    params.train.lr /= 2
+    monkeypatch.setattr(loop, "code_hash", lambda: "other code")
+    assert base != loop.fingerprint(params, config, "data-a")  # changed library code: start over

@@ -86,11 +86,21 @@ class StopSignal:
         self.received = True
 
 
-def fingerprint(params: PipelineParams, config: ModelConfig) -> str:
-    """Hash of everything that makes a checkpoint belong to this run."""
+def code_hash() -> str:
+    """sha256 over the source of the ddgm package (paths and contents)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprint(params: PipelineParams, config: ModelConfig, data_hash: str) -> str:
+    """Hash of everything that makes a checkpoint belong to this run: the model config, the
+    training params (but those in RESUMABLE_CHANGES), the data manifest and the library code."""
     train = {k: v for k, v in asdict(params.train).items() if k not in RESUMABLE_CHANGES}
-    text = json.dumps({"model": config.to_dict(), "train": train}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    record = {"model": config.to_dict(), "train": train, "data": data_hash, "code": code_hash()}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -172,14 +182,14 @@ def train(
     loader = TrainLoader(shards, "train", batch_size=micro_batch, rank=rank, world_size=world,
                          num_workers=t.num_workers, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 100003 + rank)
-    run_fingerprint = fingerprint(params, config)
+    run_fingerprint = fingerprint(params, config, manifest_hash(shards))
 
     state = {"step": 0, "best_step": -1, "best_val_bpd": math.inf, "bad_validations": 0, "run_id": None}
     latest = ckpt.latest_checkpoint(checkpoint_dir) if t.resume else None
     if latest is not None:
         saved, ema_weights = ckpt.read_state(latest)
         if saved.get("fingerprint") != run_fingerprint:
-            accelerator.print(f"ignoring checkpoints in {checkpoint_dir}: they belong to other params")
+            accelerator.print(f"ignoring checkpoints in {checkpoint_dir}: they belong to other params, data or code")
             latest = None
     if latest is None:
         accelerator.wait_for_everyone()  # every rank has looked before anything moves
