@@ -50,11 +50,11 @@ class ModelConfig:
     decoder: str = "discretized"
 
     def __post_init__(self) -> None:
-        _choice("formulation", self.formulation, FORMULATIONS)
-        _choice("variance", self.variance, VARIANCES)
-        _choice("decoder", self.decoder, DECODERS)
-        _choice("schedule.name", self.schedule.name, SCHEDULES)
-        _choice("network.kind", self.network.kind, NETWORKS)
+        check_choice("formulation", self.formulation, FORMULATIONS)
+        check_choice("variance", self.variance, VARIANCES)
+        check_choice("decoder", self.decoder, DECODERS)
+        check_choice("schedule.name", self.schedule.name, SCHEDULES)
+        check_choice("network.kind", self.network.kind, NETWORKS)
         check_num_levels(self.num_levels)
         check_num_steps(self.schedule.num_steps)
         shape = tuple(self.image_shape)
@@ -86,7 +86,8 @@ class ModelConfig:
         return cls(schedule=ScheduleConfig(**schedule), network=NetworkConfig(**network), **values)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 

@@ -16,8 +16,10 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ddgm.config import DECODERS, FORMULATIONS, NETWORKS, VARIANCES, ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.config import (DECODERS, FORMULATIONS, NETWORKS, VARIANCES, ModelConfig, NetworkConfig, ScheduleConfig,
+                         check_choice)
 from ddgm.objectives import OBJECTIVES
+from ddgm.samplers import SAMPLERS
 from ddgm.schedules import SCHEDULES
 from ddgm.timestep_sampler import TIMESTEP_SAMPLERS
 
@@ -164,22 +166,17 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"train.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
 def validate_model(params: PipelineParams) -> None:
     """The diffusion and model sections, and the objective they must suit, named as in params.yaml
     (ModelConfig checks them again, but only once the data's manifest has been read)."""
     d, m, t = params.diffusion, params.model, params.train
-    _choice("diffusion.schedule", d.schedule, SCHEDULES)
+    check_choice("diffusion.schedule", d.schedule, SCHEDULES)
     if d.num_steps < 1:
         raise ValueError(f"diffusion.num_steps must be >= 1, got {d.num_steps!r}")
-    _choice("model.formulation", m.formulation, FORMULATIONS)
-    _choice("model.network", m.network, NETWORKS)
-    _choice("model.variance", m.variance, VARIANCES)
-    _choice("model.decoder", m.decoder, DECODERS)
+    check_choice("model.formulation", m.formulation, FORMULATIONS)
+    check_choice("model.network", m.network, NETWORKS)
+    check_choice("model.variance", m.variance, VARIANCES)
+    check_choice("model.decoder", m.decoder, DECODERS)
     for name in ("hidden_dim", "depth", "base_channels", "num_res_blocks"):
         if getattr(m, name) < 1:
             raise ValueError(f"model.{name} must be >= 1, got {getattr(m, name)!r}")
@@ -196,12 +193,12 @@ def validate_model(params: PipelineParams) -> None:
 
 def validate_train(train: TrainParams) -> None:
     """Checks that need no data or processes (those are in ``check_batch_layout``)."""
-    _choice("train.objective", train.objective, OBJECTIVES)
-    _choice("train.timestep_sampler", train.timestep_sampler, TIMESTEP_SAMPLERS)
-    _choice("train.optimizer", train.optimizer, OPTIMIZERS)
-    _choice("train.lr_decay", train.lr_decay, LR_DECAYS)
+    check_choice("train.objective", train.objective, OBJECTIVES)
+    check_choice("train.timestep_sampler", train.timestep_sampler, TIMESTEP_SAMPLERS)
+    check_choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    check_choice("train.lr_decay", train.lr_decay, LR_DECAYS)
     if train.mixed_precision is not None:
-        _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+        check_choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     for name in ("lr", "max_steps", "batch_size", "grad_accum", "val_every", "val_batch_size", "val_chunk",
                  "checkpoint_every", "keep_checkpoints", "log_every"):
         _positive(name, getattr(train, name))
@@ -216,7 +213,7 @@ def validate_train(train: TrainParams) -> None:
 
 
 def validate_sample(sample: SampleParams) -> None:
-    _choice("sample.sampler", sample.sampler, ("ancestral", "ddim"))
+    check_choice("sample.sampler", sample.sampler, SAMPLERS)
     for name in ("num_samples", "batch_size"):
         if getattr(sample, name) < 1:
             raise ValueError(f"sample.{name} must be >= 1, got {getattr(sample, name)!r}")
