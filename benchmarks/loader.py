@@ -1,6 +1,9 @@
-"""Images/s of the sharded TrainLoader (0, 1, 2 workers) next to an in-memory TensorDataset DataLoader.
+"""Images/s of the sharded TrainLoader (0, 1, 2 workers) next to an in-memory TensorDataset DataLoader,
+and the training step's own images/s for the default model of params.yaml: the loader can only be
+the bottleneck where its rate comes near the step's.
 
 Usage: python benchmarks/loader.py [--shards DIR] [--batch-size 128] [--epochs 5] [--batches-per-epoch N]
+                                   [--params params.yaml] [--train-steps 10]
 Without --shards, digits shards are prepared in a temporary directory.
 """
 
@@ -16,7 +19,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddgm.data import DataParams, TrainLoader, load_split, prepare_dataset, read_manifest
+from ddgm.models import build_model
+from ddgm.objectives import compute_objective
+from ddgm.params import load_params, model_config
 from ddgm.quantization import levels_to_unit
+from ddgm.timestep_sampler import make_timestep_sampler
 
 BASELINE = "in-memory TensorDataset"
 
@@ -50,6 +57,28 @@ def loader_throughput(
     return results
 
 
+def train_step_throughput(shards: str | Path, params_file: str | Path, batch_size: int, steps: int = 10) -> float:
+    """Images/s of the default model's training step (objective, backward, AdamW) on in-memory batches,
+    after two warm-up steps."""
+    params = load_params(params_file)
+    manifest = read_manifest(shards)
+    model = build_model(model_config(params, manifest.image_shape, manifest.num_levels)).train()
+    sampler = make_timestep_sampler(params.train.timestep_sampler, params.diffusion.num_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr)
+    levels, _ = load_split(shards, "train")
+    x = levels_to_unit(levels[:batch_size], manifest.num_levels)
+    generator = torch.Generator().manual_seed(0)
+    start = 0.0
+    for step in range(steps + 2):
+        if step == 2:
+            start = time.perf_counter()
+        loss = compute_objective(params.train.objective, model, x, sampler, generator, params.train.vlb_weight).loss
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    return steps * len(x) / (time.perf_counter() - start)
+
+
 def format_table(results: dict[str, float]) -> str:
     base = results[BASELINE]
     width = max(len(name) for name in results)
@@ -64,12 +93,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batches-per-epoch", type=int, default=None)
+    parser.add_argument("--params", default="params.yaml", help="params file whose model the training step uses")
+    parser.add_argument("--train-steps", type=int, default=10)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or prepare_dataset(DataParams(), Path(tmp) / "shards") and Path(tmp) / "shards"
         results = loader_throughput(shards, args.batch_size, args.epochs, batches_per_epoch=args.batches_per_epoch)
+        step_rate = train_step_throughput(shards, args.params, args.batch_size, args.train_steps)
     print(f"batch size {args.batch_size}, {args.epochs} epochs, {torch.get_num_threads()} torch threads")
     print(format_table(results))
+    slowest = min(v for k, v in results.items() if k != BASELINE)
+    print(f"training step of the default model: {step_rate:.0f} images/s; "
+          f"the slowest loader setting is {slowest / step_rate:.1f}x faster than the step")
 
 
 if __name__ == "__main__":
