@@ -300,8 +300,11 @@ def train(
                 if elbo_objective:
                     metrics["train/elbo_bpd"] = mean_loss / (data_dim * math.log(2.0))
                 tracker.log_metrics(metrics, step)
-                progress.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{metrics['train/images_per_s']:.0f}",
-                                     best_val_bpd=f"{state['best_val_bpd']:.4f}")
+                shown = {"loss": f"{mean_loss:.4g}"}
+                if elbo_objective:
+                    shown["bpd"] = f"{metrics['train/elbo_bpd']:.3f}"
+                shown |= {"val_bpd": f"{state['best_val_bpd']:.4f}", "img_s": f"{metrics['train/images_per_s']:.0f}"}
+                progress.set_postfix(shown)
                 window_start, window_images = time.perf_counter(), 0
             if step % t.val_every == 0 or step == t.max_steps:
                 validate()
