@@ -15,11 +15,11 @@ import torch  # noqa: E402
 from ddgm.serialization import atomic_write  # noqa: E402
 
 
-def image_grid(images: torch.Tensor, columns: int = 10, pad: int = 1) -> np.ndarray:
+def image_grid(images: torch.Tensor, columns: int = 10, pad: int = 1, background: float = 0.0) -> np.ndarray:
     """Tile [N, C, H, W] floats in [0, 1] into one [rows*(H+pad), columns*(W+pad), C] array."""
     n, c, h, w = images.shape
     rows = -(-n // columns)
-    grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.float32)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), background, dtype=np.float32)
     array = images.detach().cpu().float().permute(0, 2, 3, 1).numpy()
     for i in range(n):
         r, col = divmod(i, columns)
