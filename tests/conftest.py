@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.register_assert_rewrite("support")  # support.py's asserts report like the test modules' own
+
 
 @pytest.fixture(scope="module")
 def single_thread():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from pathlib import Path
 
@@ -11,15 +10,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from support import sha256_file
 
 from ddgm.data import DataError, DataParams, load_data_params, load_split, manifest_hash, prepare_dataset, read_manifest
 from pipeline.prepare import main as prepare_main
 
 SPLITS = ("train", "val", "test")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _all_samples(out: Path) -> list[tuple[bytes, int]]:
@@ -58,14 +54,14 @@ def test_digits_reference_split_and_manifest_matches_shards(digits):
         for shard in shards:
             path = digits / shard["name"]
             listed.add(path.name)
-            assert shard["sha256"] == _sha256(path) and shard["size"] == path.stat().st_size
+            assert shard["sha256"] == sha256_file(path) and shard["size"] == path.stat().st_size
             with tarfile.open(path) as tar:
                 names = tar.getnames()
             assert sum(n.endswith(".npy") for n in names) == shard["count"]
             assert all(n.count(".") == 1 for n in names)  # keys have no dots
         assert sum(s["count"] for s in shards) == manifest.splits[split]
     assert {p.name for p in digits.glob("*.tar")} == listed
-    assert manifest_hash(digits) == _sha256(digits / "manifest.json")
+    assert manifest_hash(digits) == sha256_file(digits / "manifest.json")
 
 
 def test_digits_round_trip_every_pixel_and_label(digits):
@@ -84,7 +80,7 @@ def _assert_same_files(a: Path, b: Path) -> None:
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir())
     for name in files:
-        assert _sha256(a / name) == _sha256(b / name), name
+        assert sha256_file(a / name) == sha256_file(b / name), name
 
 
 def test_shards_and_manifest_are_byte_identical_across_runs(tmp_path, digits):
@@ -182,11 +178,11 @@ def test_prepare_replaces_output_and_leaves_no_temporaries(tmp_path):
 def test_failed_prepare_keeps_previous_output(tmp_path):
     out = tmp_path / "shards"
     prepare_dataset(DataParams(), out)
-    before = _sha256(out / "manifest.json")
+    before = sha256_file(out / "manifest.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError):
         prepare_dataset(DataParams(source="folder", path=str(tmp_path / "empty")), out)
-    assert _sha256(out / "manifest.json") == before
+    assert sha256_file(out / "manifest.json") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "shards"]
 
 

@@ -12,11 +12,9 @@ srun/scontrol), a DVC local-remote push/pull round trip, the MLflow server scrip
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,11 +23,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import VENV_BIN, free_port, kill_group, sha256_file, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 ACC = INFRA / "accelerate"
-VENV_BIN = Path(sys.executable).parent
 LAUNCH = INFRA / "launch.sh"
 SBATCH = INFRA / "slurm" / "train.sbatch"
 
@@ -49,33 +47,9 @@ ACCELERATE_CONFIGS = {
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("ACCELERATE_USE_CPU", None)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # these tests run CPU ranks, also on GPU machines
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Kill a process group started with start_new_session=True (test cleanup only)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+    """subprocess_env, but the caller's OMP_NUM_THREADS (if set) is kept and ACCELERATE_USE_CPU is unset."""
+    return subprocess_env(unset=("ACCELERATE_USE_CPU",),
+                          **{"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **extra})
 
 
 # --------------------------------------------------------------------------- accelerate
@@ -389,7 +363,7 @@ def test_multi_node_configs_rendezvous_on_one_host(tmp_path, name):
     """Two launchers (= two simulated nodes, one CPU rank each) meet through the config."""
     script = tmp_path / "tiny.py"
     script.write_text(TINY)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for rank in range(2):
         logs.append(tmp_path / f"node{rank}.log")
@@ -409,7 +383,7 @@ def test_multi_node_configs_rendezvous_on_one_host(tmp_path, name):
         pass
     finally:
         for p in procs:
-            _stop(p)
+            kill_group(p)
     text = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
     ranks = sorted(ln for ln in text.splitlines() if ln.startswith("RANK"))
     assert ranks == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo SUM 3.0" for i in range(2)], text
@@ -424,7 +398,7 @@ def test_launch_stop_signal_exits_75(tmp_path):
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             ["bash", str(LAUNCH)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()),
+            env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()),
                      TRAIN_MODULE="stoppable", PYTHONPATH=str(tmp_path)),
             start_new_session=True,
         )
@@ -433,7 +407,7 @@ def test_launch_stop_signal_exits_75(tmp_path):
             proc.send_signal(signal.SIGUSR1)
             rc = proc.wait(timeout=120)
         finally:
-            _stop(proc)
+            kill_group(proc)
     out = log.read_text()
     assert rc == 75, out
     assert sorted(ln for ln in out.splitlines() if ln.startswith("STOPPED")) == [
@@ -484,7 +458,7 @@ def _sbatch(tmp_path: Path, train_args: str):
         MOCK_LOG=str(calls), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
         SLURM_JOB_NODELIST="node[1-2]", SLURM_SUBMIT_DIR=str(ROOT), VENV="",
         GPUS_PER_NODE="1", SHARED_DIR=str(tmp_path / "shared"),
-        MASTER_PORT=str(_free_port()), TRAIN_MODULE="stoppable",
+        MASTER_PORT=str(free_port()), TRAIN_MODULE="stoppable",
         PYTHONPATH=str(tmp_path), TRAIN_ARGS=train_args,
     )
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -506,7 +480,7 @@ def test_sbatch_preemption_requeues(tmp_path):
         proc.send_signal(signal.SIGUSR1)
         rc = proc.wait(timeout=180)
     finally:
-        _stop(proc)
+        kill_group(proc)
         fh.close()
     out = log.read_text()
     assert rc == 0, out
@@ -521,7 +495,7 @@ def test_sbatch_normal_completion_does_not_requeue(tmp_path):
     try:
         rc = proc.wait(timeout=240)
     finally:
-        _stop(proc)
+        kill_group(proc)
         fh.close()
     out = log.read_text()
     assert rc == 0, out
@@ -555,7 +529,7 @@ def test_dvc_local_remote_round_trip(tmp_path):
     model.parent.mkdir()
     model.write_bytes(rng.randbytes(10000))
     files = sorted(p for p in [*shards.iterdir(), model])
-    before = {p.relative_to(repo): _sha256(p) for p in files}
+    before = {p.relative_to(repo): sha256_file(p) for p in files}
 
     _dvc(repo, "add", "-q", "data/shards", "models/model.safetensors")
     assert (repo / "data" / "shards.dvc").is_file() and (repo / "models" / "model.safetensors.dvc").is_file()
@@ -567,7 +541,7 @@ def test_dvc_local_remote_round_trip(tmp_path):
     model.unlink()
     shutil.rmtree(repo / ".dvc" / "cache")
     _dvc(repo, "pull")
-    after = {p: _sha256(repo / p) for p in before}
+    after = {p: sha256_file(repo / p) for p in before}
     assert after == before
     assert sorted(p.name for p in shards.iterdir()) == sorted(
         p.name for p in before if p.parent == Path("data/shards"))
@@ -578,7 +552,7 @@ def test_dvc_local_remote_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_mlflow_serve_script(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as fh:
         server = subprocess.Popen(
@@ -619,7 +593,7 @@ def test_mlflow_serve_script(tmp_path):
             assert r.returncode == 0, r.stderr
             run_id = r.stdout.strip().splitlines()[-1]
         finally:
-            _stop(server)
+            kill_group(server)
     assert (tmp_path / "mlflow-server" / "mlflow.db").is_file()
     stored = list((tmp_path / "mlflow-server" / "artifacts").rglob("note.txt"))
     assert len(stored) == 1 and run_id in str(stored[0]) and stored[0].read_text() == "hello"

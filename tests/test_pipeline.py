@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,9 +31,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import DVC_GIT_ENV, copy_repo, free_port, scaled, sha256_file, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 STAGES = ("prepare", "train", "sample", "evaluate")
 
 # Tiny values for params.yaml / the presets: keys that must already exist (nothing is added).
@@ -63,20 +62,9 @@ def _env(**extra: str | None) -> dict[str, str]:
     """The environment of the pipeline's subprocesses: the venv first on PATH, the CPU only,
     one thread each (two shared cores), no tracking/launcher settings from the caller;
     ``extra`` sets variables (None removes one)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "ACCELERATE_USE_CPU",
-                 "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "DDGM_WORKDIR", "PYTHONPATH"):
-        env.pop(name, None)
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test",
-               GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
-               GIT_COMMITTER_EMAIL="test@example.com")
-    for name, value in extra.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
+    return subprocess_env(unset=("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "ACCELERATE_USE_CPU",
+                                 "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "DDGM_WORKDIR", "PYTHONPATH"),
+                          **{**DVC_GIT_ENV, **extra})
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True, **env: str | None):
@@ -84,36 +72,6 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = True, **
     if check:
         assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
     return r
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scaled(values: dict, overrides: dict = TINY) -> dict:
-    """``values`` with ``overrides`` applied; every overridden key must already exist."""
-    out = copy.deepcopy(values)
-    for section, changes in overrides.items():
-        for key, value in changes.items():
-            assert key in out[section], f"{section}.{key} is not a params key"
-            out[section][key] = value
-    return out
-
-
-def copy_repo(dest: Path) -> None:
-    """The tracked files of this repository, as they are in the working tree, in a fresh git repo."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        source = ROOT / name
-        if source.is_file():  # tracked but deleted in the working tree: leave it out
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
 
 
 def git_commit_all(repo: Path, message: str) -> str:
@@ -172,7 +130,7 @@ def repro(tmp_path_factory) -> Repro:
     for stale in ("dvc.lock",):  # a committed lock file would describe other params
         (repo / stale).unlink(missing_ok=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(scaled(params), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(scaled(params, TINY), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     commit = git_commit_all(repo, "tiny params")
     # as a user runs it: Python writes bytecode into the code directories the stages depend on
@@ -317,7 +275,7 @@ def test_one_mlflow_run_for_all_stages(repro):
 
     tags = run.data.tags
     assert tags["git.commit"] == repro.commit  # a clean checkout: no "-dirty"
-    assert tags["data.manifest_sha256"] == _sha256(repo / "data" / "shards" / "manifest.json")
+    assert tags["data.manifest_sha256"] == sha256_file(repo / "data" / "shards" / "manifest.json")
 
     params = run.data.params
     assert params["model.formulation"] == "epsilon" and params["train.max_steps"] == "20"
@@ -367,7 +325,7 @@ def test_git_commit_tag_ignores_dvc_lock(tmp_path, monkeypatch):
 def mlflow_server(repro, tmp_path_factory):
     """`mlflow server` on the repro's sqlite store (its artifacts are local paths it serves)."""
     workdir = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = workdir / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
@@ -420,7 +378,7 @@ def test_mlflow_server_rest_api_finds_the_run(repro, mlflow_server):
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["model.schedule.num_steps"] == "10" and params["train.batch_size"] == "32"
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["data.manifest_sha256"] == _sha256(repo / "data" / "shards" / "manifest.json")
+    assert tags["data.manifest_sha256"] == sha256_file(repo / "data" / "shards" / "manifest.json")
 
     history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
     assert [m["step"] for m in history] == [5, 10, 15, 20]
@@ -442,7 +400,7 @@ def test_mlflow_server_rest_api_finds_the_run(repro, mlflow_server):
     assert {"figures/fig2b_samples.png", "figures/fig2d_val_curve.png"} <= {f["path"] for f in listed}
     query = urllib.parse.urlencode({"run_id": run_id, "path": "model/model.safetensors"})
     with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=30) as response:
-        assert hashlib.sha256(response.read()).hexdigest() == _sha256(local)
+        assert hashlib.sha256(response.read()).hexdigest() == sha256_file(local)
 
 
 # --------------------------------------------------------------------------- presets
@@ -608,7 +566,7 @@ def test_quality_metrics_rank_real_above_pixel_model_above_noise(prepared):
 
 
 def _tiny_params_file(directory: Path, shards: str = "data/shards") -> Path:
-    params = scaled(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params = scaled(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     params["train"]["shards"] = shards
     params["tracking"]["enabled"] = False
     path = directory / "params.yaml"

@@ -16,11 +16,9 @@ the training loop's own distributed tests are in test_training*.py.)
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,11 +27,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import DVC_GIT_ENV, copy_repo, free_port, scaled, sha256_file, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = ROOT / "infra" / "accelerate"
 LAUNCH = ROOT / "infra" / "launch.sh"
-VENV_BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
@@ -84,37 +82,18 @@ RANK_WEIGHTS = textwrap.dedent(
 
 
 def _env(**extra: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    for name in ("MLFLOW_TRACKING_URI", "ACCELERATE_USE_CPU", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "DDGM_WORKDIR",
-                 "PYTHONPATH", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT",
-                 "ACCELERATE_CONFIG", "TRAIN_MODULE", "MIXED_PRECISION"):
-        env.pop(name, None)
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test",
-               GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
-               GIT_COMMITTER_EMAIL="test@example.com")
-    for name, value in extra.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
+    """subprocess_env without the caller's tracking, DDGM_* and launch.sh settings, with DVC_GIT_ENV;
+    ``extra`` sets variables (None removes one)."""
+    return subprocess_env(unset=("MLFLOW_TRACKING_URI", "ACCELERATE_USE_CPU", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR",
+                                 "DDGM_WORKDIR", "PYTHONPATH", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR",
+                                 "MASTER_PORT", "ACCELERATE_CONFIG", "TRAIN_MODULE", "MIXED_PRECISION"),
+                          **{**DVC_GIT_ENV, **extra})
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str | None) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
     return r
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _start(cmd: list[str], cwd: Path, log: Path, **env: str | None) -> subprocess.Popen:
@@ -143,15 +122,6 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
         except subprocess.TimeoutExpired:
             break
     return [proc.poll() for proc in procs]
-
-
-def scaled(values: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(values)
-    for section, changes in overrides.items():
-        for key, value in changes.items():
-            assert key in out[section], f"{section}.{key} is not a params key"
-            out[section][key] = value
-    return out
 
 
 def write_params(path: Path, shards: Path | str, tracking_uri: str, **train) -> Path:
@@ -240,7 +210,7 @@ def test_two_nodes_via_launch_sh_end_with_identical_weights(shards, tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
     (lib / "rank_weights.py").write_text(RANK_WEIGHTS)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     try:
         for node in range(2):
@@ -289,7 +259,7 @@ def test_sigterm_to_launch_sh_checkpoints_exits_75_and_resumes_to_the_same_weigh
 
     def launch() -> subprocess.Popen:
         return _start(["bash", str(LAUNCH), "--params", "params.yaml"], work, log, NPROC_PER_NODE="2",
-                      MASTER_PORT=str(_free_port()), DDGM_WORKDIR=str(work))
+                      MASTER_PORT=str(free_port()), DDGM_WORKDIR=str(work))
 
     proc = launch()
     try:
@@ -333,15 +303,6 @@ def test_sigterm_to_launch_sh_checkpoints_exits_75_and_resumes_to_the_same_weigh
 # --------------------------------------------------------------------------- DVC remote
 
 
-def copy_repo(dest: Path) -> None:
-    """The tracked files of this repository, as they are in the working tree."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-
-
 def test_dvc_local_remote_round_trip_of_pipeline_outputs(tmp_path):
     repo, remote = tmp_path / "repo", tmp_path / "remote"
     copy_repo(repo)
@@ -356,14 +317,14 @@ def test_dvc_local_remote_round_trip_of_pipeline_outputs(tmp_path):
 
     outputs = sorted(p for d in ("data/shards", "models") for p in (repo / d).rglob("*") if p.is_file())
     assert {"manifest.json", "model.safetensors", "model.json"} <= {p.name for p in outputs}
-    before = {p.relative_to(repo): _sha256(p) for p in outputs}
+    before = {p.relative_to(repo): sha256_file(p) for p in outputs}
     assert len(list(p for p in remote.rglob("*") if p.is_file())) >= len(before)
 
     shutil.rmtree(repo / "data" / "shards")
     shutil.rmtree(repo / "models")
     shutil.rmtree(repo / ".dvc" / "cache")
     _run(["dvc", "pull", "--with-deps", "train"], repo)  # samples/ and figures/ were never made
-    after = {p.relative_to(repo): _sha256(p) for d in ("data/shards", "models") for p in (repo / d).rglob("*")
+    after = {p.relative_to(repo): sha256_file(p) for d in ("data/shards", "models") for p in (repo / d).rglob("*")
              if p.is_file()}
     assert after == before
     status = _run(["dvc", "status", "train"], repo).stdout

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support import free_port, kill_group, repo_pythonpath, subprocess_env
 
 from ddgm.data import manifest_hash
 from ddgm.objectives import ObjectiveOutput
@@ -353,13 +353,9 @@ def test_early_stop_stays_stopped_on_resume(tmp_path, monkeypatch, digits_shards
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    for name in ("ACCELERATE_USE_CPU", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    return env
+    """subprocess_env with the caller's PATH, the repository first on PYTHONPATH, no launcher/DDGM_*/tracking settings."""
+    return subprocess_env(unset=("ACCELERATE_USE_CPU", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "MLFLOW_TRACKING_URI"),
+                          venv_on_path=False, PYTHONPATH=repo_pythonpath())
 
 
 def _process_params(shards: Path) -> dict:
@@ -385,15 +381,6 @@ def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-
-
 def _workdir(base: Path, values: dict) -> Path:
     base.mkdir(parents=True)
     (base / "p.yaml").write_text(yaml.safe_dump(values))
@@ -408,7 +395,7 @@ def uninterrupted(tmp_path_factory, digits_shards) -> Path:
     try:
         assert proc.wait(timeout=300) == 0, (workdir / "train.log").read_text()[-3000:]
     finally:
-        _kill(proc)
+        kill_group(proc)
     return workdir
 
 
@@ -422,7 +409,7 @@ def test_sigkill_then_resume_gives_the_same_weights_bit_for_bit(tmp_path, digits
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
-        _kill(proc)
+        kill_group(proc)
     assert not (workdir / "models").exists()
     latest = sorted((workdir / "checkpoints").glob("step-*"))[-1].name
     assert "step-00000010" <= latest < "step-00000040"
@@ -430,7 +417,7 @@ def test_sigkill_then_resume_gives_the_same_weights_bit_for_bit(tmp_path, digits
     try:
         assert proc.wait(timeout=300) == 0, (workdir / "train.log").read_text()[-3000:]
     finally:
-        _kill(proc)
+        kill_group(proc)
     assert f"resumed from checkpoints/{latest}" in (workdir / "train.log").read_text()
     assert_same_run(uninterrupted, workdir)
 
@@ -444,7 +431,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_resumes_bit_for_bit(tmp_path, 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 75, (workdir / "train.log").read_text()[-3000:]
     finally:
-        _kill(proc)
+        kill_group(proc)
     log = (workdir / "train.log").read_text()
     stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
     assert 10 <= stopped < 40
@@ -454,7 +441,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_resumes_bit_for_bit(tmp_path, 
     try:
         assert proc.wait(timeout=300) == 0, (workdir / "train.log").read_text()[-3000:]
     finally:
-        _kill(proc)
+        kill_group(proc)
     assert f"resumed from checkpoints/step-{stopped:08d} at step {stopped}" in (workdir / "train.log").read_text()
     assert_same_run(uninterrupted, workdir)
 
@@ -588,9 +575,7 @@ def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, m
                                                                       restore_signals):
     from pipeline.train import main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    port = free_port()  # its probing socket is closed again: nothing listens there
     monkeypatch.chdir(tmp_path)
     values = tiny(digits_shards, max_steps=10)
     values["tracking"] = {"enabled": True, "uri": f"http://127.0.0.1:{port}"}

@@ -12,10 +12,7 @@ the online and EMA weights (the library writes them from rank 0 only).
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,13 +20,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support import free_port, kill_group, repo_pythonpath, subprocess_env
 
 from ddgm.params import params_from_dict
 from ddgm.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = ROOT / "infra" / "accelerate"
-VENV_BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
@@ -143,22 +140,10 @@ GRAD_STEP = textwrap.dedent(
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks, also on GPU machines
-    env["ACCELERATE_USE_CPU"] = "true"  # every rank joins one gloo group (infra/README.md)
-    env["OMP_NUM_THREADS"] = "1"
-    for name in ("DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """subprocess_env with the repository first on PYTHONPATH and ACCELERATE_USE_CPU=true (every rank joins one
+    gloo group, infra/README.md), without the caller's DDGM_*/tracking settings."""
+    return subprocess_env(unset=("DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "MLFLOW_TRACKING_URI"),
+                          **{"PYTHONPATH": repo_pythonpath(), "ACCELERATE_USE_CPU": "true", **extra})
 
 
 def _params(shards: Path, **train_values) -> dict:
@@ -242,7 +227,7 @@ def test_ddp_step_on_two_ranks_equals_one_step_on_the_whole_batch(tmp_path):
 
 def test_two_simulated_machines_train_identical_weights(tmp_path, digits_shards):
     _setup(tmp_path, _params(digits_shards, max_steps=10, val_every=10))
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for machine in range(2):
         logs.append(tmp_path / f"machine{machine}.log")
@@ -256,9 +241,7 @@ def test_two_simulated_machines_train_identical_weights(tmp_path, digits_shards)
         codes = [p.wait(timeout=300) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
-                p.wait(timeout=30)
+            kill_group(p)
     text = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
     assert codes == [0, 0], text[-6000:]
     assert _rank_lines(text) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 10" for i in range(2)], text
