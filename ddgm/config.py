@@ -12,6 +12,7 @@ FORMULATIONS = ("article", "epsilon")
 VARIANCES = ("fixed_large", "fixed_small", "learned_range")
 NETWORKS = ("mlp", "unet")
 DECODERS = ("discretized", "continuous")
+SAMPLERS = ("ancestral", "ddim")
 
 
 @dataclass

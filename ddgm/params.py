@@ -16,10 +16,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ddgm.config import (DECODERS, FORMULATIONS, NETWORKS, VARIANCES, ModelConfig, NetworkConfig, ScheduleConfig,
-                         check_choice)
+from ddgm.config import (DECODERS, FORMULATIONS, NETWORKS, SAMPLERS, VARIANCES, ModelConfig, NetworkConfig,
+                         ScheduleConfig, check_choice)
 from ddgm.objectives import OBJECTIVES
-from ddgm.samplers import SAMPLERS
 from ddgm.schedules import SCHEDULES
 from ddgm.timestep_sampler import TIMESTEP_SAMPLERS
 

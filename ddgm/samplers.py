@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ddgm.config import SAMPLERS
 from ddgm.diffusion import GaussianDiffusion
 from ddgm.models.base import DDGM
 from ddgm.models.epsilon import EpsilonDDGM
 
-SAMPLERS = ("ancestral", "ddim")
 
 
 @dataclass
