@@ -304,6 +304,8 @@ TINY = textwrap.dedent(
     total = acc.reduce(t, reduction="sum").item()
     print(f"RANK {acc.process_index} WORLD {acc.num_processes} "
           f"TYPE {acc.distributed_type.value} BACKEND {acc.state.backend} SUM {total}", flush=True)
+    acc.wait_for_everyone()
+    acc.end_training()  # destroy the process group before exit: gloo may abort a rank otherwise
     """
 )
 

@@ -155,6 +155,7 @@ def train(
     manifest = read_manifest(shards)
     config = model_config(params, manifest.image_shape, manifest.num_levels)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=config.formulation == "article")]
+    owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator(
         gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision,
         step_scheduler_with_optimizer=False, kwargs_handlers=kwargs,
@@ -327,4 +328,6 @@ def train(
         tracker.log_metrics({"best/val_bpd": state["best_val_bpd"], "best/step": state["best_step"]}, state["step"])
         tracker.log_artifacts([*paths, curve_path], "model")
     accelerator.wait_for_everyone()
+    if owns_accelerator:
+        accelerator.end_training()  # tear the process group down before the processes exit
     return TrainResult(state["step"], state["best_step"], state["best_val_bpd"], stopped_early, state["run_id"])
