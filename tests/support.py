@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -95,3 +96,9 @@ def subprocess_env(*, unset: Iterable[str] = (), venv_on_path: bool = True, **ov
         else:
             env[name] = value
     return env
+
+
+def rank_reports(output: str) -> list[str]:
+    """Sorted 'RANK r WORLD w TYPE t BACKEND b KEY value' reports of test rank scripts, found also where
+    two ranks' writes to one stdout pipe interleave within a line."""
+    return sorted(re.findall(r"RANK \d+ WORLD \d+ TYPE \w+ BACKEND \w+ [A-Z]+ [\d.]+", output))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import VENV_BIN, free_port, kill_group, sha256_file, subprocess_env
+from support import VENV_BIN, free_port, kill_group, rank_reports, sha256_file, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -353,7 +353,7 @@ def test_cpu_2proc_config_starts_two_gloo_ranks(tmp_path):
         env=_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=240,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("RANK"))
+    lines = rank_reports(r.stdout)  # both ranks share one stdout pipe: their lines may interleave
     assert lines == [
         f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo SUM 3.0" for i in range(2)
     ], r.stdout + r.stderr[-3000:]
@@ -387,7 +387,7 @@ def test_multi_node_configs_rendezvous_on_one_host(tmp_path, name):
         for p in procs:
             kill_group(p)
     text = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
-    ranks = sorted(ln for ln in text.splitlines() if ln.startswith("RANK"))
+    ranks = rank_reports(text)
     assert ranks == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo SUM 3.0" for i in range(2)], text
     assert [p.returncode for p in procs] == [0, 0], text
 

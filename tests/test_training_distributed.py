@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support import free_port, kill_group, repo_pythonpath, subprocess_env
+from support import free_port, kill_group, rank_reports, repo_pythonpath, subprocess_env
 
 from ddgm.params import params_from_dict
 from ddgm.training.loop import train
@@ -167,10 +167,6 @@ def _launch(workdir: Path, *launch_args: str, script: str = "rank_train.py", tim
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _rank_lines(text: str) -> list[str]:
-    return sorted(line for line in text.splitlines() if line.startswith("RANK "))
-
-
 def _assert_ranks_agree(workdir: Path) -> None:
     for kind in ("model", "ema"):
         a, b = load_file(workdir / f"rank0-{kind}.safetensors"), load_file(workdir / f"rank1-{kind}.safetensors")
@@ -182,7 +178,7 @@ def test_two_cpu_processes_train_identical_weights(tmp_path, digits_shards):
     _setup(tmp_path, _params(digits_shards))
     r = _launch(tmp_path, "--config_file", str(ACC / "cpu_2proc.yaml"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert _rank_lines(r.stdout) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 20" for i in range(2)], \
+    assert rank_reports(r.stdout) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 20" for i in range(2)], \
         r.stdout + r.stderr[-3000:]
     _assert_ranks_agree(tmp_path)
     checkpoint = tmp_path / "checkpoints/step-00000020"
@@ -206,7 +202,7 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, digits_shards, monkeypa
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "resumed from checkpoints/step-00000010 at step 10" in r.stdout
     assert "written by 1 processes, this run has 2" in r.stdout
-    assert _rank_lines(r.stdout) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 20" for i in range(2)]
+    assert rank_reports(r.stdout) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 20" for i in range(2)]
     _assert_ranks_agree(tmp_path)
 
 
@@ -244,6 +240,6 @@ def test_two_simulated_machines_train_identical_weights(tmp_path, digits_shards)
             kill_group(p)
     text = "\n".join(f"--- {log.name}\n{log.read_text()}" for log in logs)
     assert codes == [0, 0], text[-6000:]
-    assert _rank_lines(text) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 10" for i in range(2)], text
+    assert rank_reports(text) == [f"RANK {i} WORLD 2 TYPE MULTI_CPU BACKEND gloo STEP 10" for i in range(2)], text
     _assert_ranks_agree(tmp_path)
     assert (tmp_path / "models/model.safetensors").is_file()
