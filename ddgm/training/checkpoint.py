@@ -105,9 +105,5 @@ def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return json.loads((checkpoint / STATE_FILE).read_text()), load_file(str(checkpoint / EMA_FILE))
 
 
-def generator_state_to_list(generator: torch.Generator) -> list[int]:
-    return generator.get_state().tolist()
-
-
 def generator_state_from_list(generator: torch.Generator, values: list[int]) -> None:
     generator.set_state(torch.tensor(values, dtype=torch.uint8))
