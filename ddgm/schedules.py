@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 SCHEDULES = ("constant", "linear", "cosine")
+LINEAR_REFERENCE = (1e-4, 0.02)  # Ho et al.'s beta_1, beta_T at T = 1000
+LINEAR_MAX_BETA = 0.999
 
 
 def check_num_steps(num_steps: int) -> int:
@@ -32,10 +34,26 @@ def constant_betas(num_steps: int, beta: float) -> np.ndarray:
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """beta_t linear from beta_start to beta_end (Ho et al. 2020: 1e-4 .. 0.02 with T=1000)."""
+    """beta_t linear from beta_start to beta_end, exactly as given (Ho et al. 2020: 1e-4 .. 0.02, T=1000)."""
     check_num_steps(num_steps)
     start, end = _check_beta("beta_start", beta_start), _check_beta("beta_end", beta_end)
     return np.linspace(start, end, num_steps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_steps: int, beta_start: float | None = None, beta_end: float | None = None,
+                        max_beta: float = LINEAR_MAX_BETA) -> np.ndarray:
+    """The ``linear`` schedule of a params file: beta_t linear from beta_start to beta_end, clipped to max_beta.
+
+    An end point that is not given is Ho et al.'s value for T = 1000 (1e-4, 0.02) scaled by 1000 / T, as
+    Nichol & Dhariwal 2021 do, so that sum_t beta_t ~ 10 and abar_T ~ exp(-sum_t beta_t) ~ 4e-5 whatever T
+    (unscaled, T = 100 would end at abar_T = 0.36: a large L_T and sampling from the wrong prior). Below
+    T = 21 the scaled beta_T passes 1, hence the clip. A given end point is used as it is.
+    """
+    check_num_steps(num_steps)
+    scale = 1000.0 / num_steps
+    start = LINEAR_REFERENCE[0] * scale if beta_start is None else _check_beta("beta_start", beta_start)
+    end = LINEAR_REFERENCE[1] * scale if beta_end is None else _check_beta("beta_end", beta_end)
+    return np.minimum(np.linspace(start, end, num_steps, dtype=np.float64), _check_beta("max_beta", max_beta))
 
 
 def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
@@ -53,7 +71,7 @@ def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999)
 
 def make_betas(name: str, num_steps: int, **params: float) -> np.ndarray:
     """Betas of the named schedule; ``params`` are the schedule's own keyword arguments."""
-    builders = {"constant": constant_betas, "linear": linear_betas, "cosine": cosine_betas}
+    builders = {"constant": constant_betas, "linear": scaled_linear_betas, "cosine": cosine_betas}
     if name not in builders:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
     try:

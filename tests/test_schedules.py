@@ -116,3 +116,33 @@ def test_unknown_schedule_parameter_raises_naming_it(name: str, params: dict, un
 def test_missing_schedule_parameter_raises() -> None:
     with pytest.raises(ValueError, match="beta"):
         make_betas("constant", 10)
+
+
+@pytest.mark.parametrize("num_steps", [5, 10, 20, 21, 50, 100, 250, 1000, 4000])
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_default_schedules_reach_the_prior_for_every_T(name: str, num_steps: int) -> None:
+    """abar_T ~ 0 for the default end points at every T, so L_T ~ 0 and sampling starts from N(0, I)."""
+    betas = make_betas(name, num_steps)
+    assert betas.shape == (num_steps,) and np.all(betas > 0) and np.all(betas < 1)
+    assert np.all(np.diff(betas) >= 0)
+    abar_T = np.prod(1.0 - betas)
+    assert abar_T < 1e-4, abar_T
+
+
+@pytest.mark.parametrize("num_steps", [21, 100, 250, 1000, 4000])
+def test_linear_defaults_are_scaled_by_1000_over_T(num_steps: int) -> None:
+    """Nichol & Dhariwal 2021: beta_1 = 1e-4 * 1000/T, beta_T = 0.02 * 1000/T (no clipping from T = 21 on)."""
+    betas = make_betas("linear", num_steps)
+    scale = 1000 / num_steps
+    np.testing.assert_allclose(betas, np.linspace(1e-4 * scale, 0.02 * scale, num_steps), rtol=1e-15)
+    # sum of betas (and so the total noise) is T-independent to first order
+    assert abs(betas.sum() - linear_betas(1000).sum()) < 1e-9 * num_steps
+
+
+def test_linear_small_T_is_clipped_and_given_end_points_are_kept() -> None:
+    betas = make_betas("linear", 10)
+    assert betas[0] == pytest.approx(0.01) and betas[-1] == 0.999
+    np.testing.assert_array_equal(make_betas("linear", 20, beta_start=1e-3, beta_end=0.2),
+                                  linear_betas(20, 1e-3, 0.2))
+    # a given beta_end with the default beta_start scaled to T
+    assert make_betas("linear", 100, beta_end=0.05)[0] == pytest.approx(1e-3)
