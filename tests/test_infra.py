@@ -472,6 +472,26 @@ def _sbatch(tmp_path: Path, train_args: str):
     return proc, log, calls, fh
 
 
+@pytest.mark.parametrize("case", ["missing_venv", "python_without_ddgm"])
+def test_sbatch_names_an_unusable_environment(tmp_path, case):
+    """The job stops at once, before any srun, with one line naming what to fix."""
+    overrides = {"VENV": str(tmp_path / "no-such-venv")}
+    if case == "python_without_ddgm":
+        fake = tmp_path / "fake-env"
+        fake.mkdir()
+        (fake / "python").write_text("#!/usr/bin/env bash\nexit 1\n")
+        (fake / "python").chmod(0o755)
+        overrides = {"VENV": "", "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    env = _env(SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node1",
+               SLURM_SUBMIT_DIR=str(ROOT), SHARED_DIR=str(tmp_path / "shared"), **overrides)
+    r = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    message = r.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert ("no-such-venv" in message) if case == "missing_venv" else ("cannot import ddgm" in message)
+    assert not (tmp_path / "shared").exists()
+
+
 @pytest.mark.slow
 def test_sbatch_preemption_requeues(tmp_path):
     """2 simulated nodes x 1 CPU rank; SIGUSR1 (time limit) -> ranks stop -> requeue."""
