@@ -126,7 +126,16 @@ def test_inception_score_of_real_digits_beats_noise(classifier, digits, fakes):
     real = inception_score(classifier, digits["test"], K)
     noise = inception_score(classifier, fakes["noise"], K)
     assert 1.0 <= noise < real <= 10.0
-    assert 1.0 <= inception_score(classifier, digits["test"], K, splits=5) <= 10.0
+
+
+def test_inception_score_splits_average_their_own_scores(classifier, digits):
+    """splits=5: the mean of the IS of 5 contiguous groups, each with its own marginal p(y)."""
+    images = digits["test"]
+    groups = images.tensor_split(5)
+    expected = sum(inception_score(classifier, group, K) for group in groups) / 5
+    assert inception_score(classifier, images, K, splits=5) == pytest.approx(expected, rel=1e-12)
+    # group-wise marginals differ from the pooled one, so the two estimates differ
+    assert inception_score(classifier, images, K, splits=5) != pytest.approx(inception_score(classifier, images, K))
 
 
 def test_inception_score_of_one_repeated_image_is_one(classifier, digits):

@@ -6,8 +6,9 @@ the Dockerfile installs from pyproject, infra/launch.sh builds the right command
 
 Slow (real processes, CPU only, no training code): accelerate launches two gloo ranks
 from infra/accelerate/cpu_2proc.yaml, two simulated nodes rendezvous through the
-multi-node configs, a stop signal becomes exit 75 and a SLURM requeue (with stand-in
-srun/scontrol), a DVC local-remote push/pull round trip, the MLflow server script.
+multi-node configs, a stop signal becomes a SLURM requeue (with stand-in srun/scontrol), the
+MLflow server script. (launch.sh's exit 75 and the DVC remote round trip are tested with real
+training in tests/test_scale_out.py.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import VENV_BIN, free_port, kill_group, rank_reports, sha256_file, subprocess_env
+from support import VENV_BIN, free_port, kill_group, rank_reports, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -392,30 +393,6 @@ def test_multi_node_configs_rendezvous_on_one_host(tmp_path, name):
     assert [p.returncode for p in procs] == [0, 0], text
 
 
-@pytest.mark.slow
-def test_launch_stop_signal_exits_75(tmp_path):
-    """USR1 to launch.sh -> SIGTERM to both ranks -> they checkpoint and stop -> exit 75."""
-    (tmp_path / "stoppable.py").write_text(STOPPABLE)
-    log = tmp_path / "log.txt"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            ["bash", str(LAUNCH)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()),
-                     TRAIN_MODULE="stoppable", PYTHONPATH=str(tmp_path)),
-            start_new_session=True,
-        )
-        try:
-            _wait_for(proc, log, "READY", 2, 180)
-            proc.send_signal(signal.SIGUSR1)
-            rc = proc.wait(timeout=120)
-        finally:
-            kill_group(proc)
-    out = log.read_text()
-    assert rc == 75, out
-    assert sorted(ln for ln in out.splitlines() if ln.startswith("STOPPED")) == [
-        "STOPPED 0 SIGTERM", "STOPPED 1 SIGTERM"], out
-
-
 MOCK_SRUN = """#!/usr/bin/env bash
 # stand-in for srun: run the task once per node on this host, forward SIGTERM
 nodes=1
@@ -523,50 +500,6 @@ def test_sbatch_normal_completion_does_not_requeue(tmp_path):
     assert rc == 0, out
     assert "training exited with status 0" in out
     assert calls.read_text().splitlines() == ["srun nodes=2"], out
-
-
-# --------------------------------------------------------------------------- slow: DVC
-
-
-def _dvc(cwd: Path, *args: str) -> str:
-    r = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True,
-                       env=_env(DVC_NO_ANALYTICS="1"), timeout=300)
-    assert r.returncode == 0, f"dvc {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
-
-
-@pytest.mark.slow
-def test_dvc_local_remote_round_trip(tmp_path):
-    repo, remote = tmp_path / "repo", tmp_path / "remote"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    _dvc(repo, "init", "-q")
-    rng = __import__("random").Random(0)
-    shards = repo / "data" / "shards"
-    shards.mkdir(parents=True)
-    for i in range(3):
-        (shards / f"train-{i:06d}.tar").write_bytes(rng.randbytes(4096 + i))
-    (shards / "manifest.json").write_text('{"shards": 3}\n')
-    model = repo / "models" / "model.safetensors"
-    model.parent.mkdir()
-    model.write_bytes(rng.randbytes(10000))
-    files = sorted(p for p in [*shards.iterdir(), model])
-    before = {p.relative_to(repo): sha256_file(p) for p in files}
-
-    _dvc(repo, "add", "-q", "data/shards", "models/model.safetensors")
-    assert (repo / "data" / "shards.dvc").is_file() and (repo / "models" / "model.safetensors.dvc").is_file()
-    _dvc(repo, "remote", "add", "-d", "local", str(remote))
-    _dvc(repo, "push")
-    assert any(remote.rglob("*"))
-
-    shutil.rmtree(shards)
-    model.unlink()
-    shutil.rmtree(repo / ".dvc" / "cache")
-    _dvc(repo, "pull")
-    after = {p: sha256_file(repo / p) for p in before}
-    assert after == before
-    assert sorted(p.name for p in shards.iterdir()) == sorted(
-        p.name for p in before if p.parent == Path("data/shards"))
 
 
 # --------------------------------------------------------------------------- slow: MLflow
