@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ddgm.serialization import atomic_write  # noqa: E402
+from ddgm.atomic import atomic_write  # noqa: E402
 
 
 def image_grid(images: torch.Tensor, columns: int = 10, pad: int = 1, background: float = 0.0) -> np.ndarray:
