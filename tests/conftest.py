@@ -8,6 +8,21 @@ import torch
 pytest.register_assert_rewrite("support")  # support.py's asserts report like the test modules' own
 
 
+@pytest.fixture(autouse=True, scope="session")
+def shard_check_records(tmp_path_factory):
+    """Shard verification records (ddgm.data.verification) go to a session folder, not ~/.cache,
+    also for the subprocesses the tests start (they inherit the environment)."""
+    import os
+
+    saved = os.environ.get("DDGM_CACHE_DIR")
+    os.environ["DDGM_CACHE_DIR"] = str(tmp_path_factory.mktemp("ddgm-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("DDGM_CACHE_DIR", None)
+    else:
+        os.environ["DDGM_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tests with one intra-op thread (restored afterwards); opt in with

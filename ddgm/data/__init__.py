@@ -5,7 +5,7 @@ from ddgm.data.loader import EvalLoader, TrainLoader, eval_batches, load_split
 from ddgm.data.manifest import Manifest, manifest_hash, read_manifest, shard_urls
 from ddgm.data.params import DataParams, load_data_params
 from ddgm.data.prepare import prepare_dataset
-from ddgm.data.shards import verify_shards
+from ddgm.data.verification import verify_once, verify_shards
 
 __all__ = [
     "DataError",
@@ -20,5 +20,6 @@ __all__ = [
     "prepare_dataset",
     "read_manifest",
     "shard_urls",
+    "verify_once",
     "verify_shards",
 ]

@@ -3,50 +3,46 @@
 ``shards`` is a dataset location (see :mod:`ddgm.data.location`): a local directory holding
 manifest.json and the shards, a ``file://`` or remote URL prefix of it, or a ``pipe:`` command
 with ``{name}``. Pixels come out as float32 in [-1, 1] (``levels_to_unit``) or as uint8 levels.
+Every shard is read whole and checked against the manifest's sha256 before it is decoded.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from ddgm.data.errors import DataError
 from ddgm.data.manifest import Manifest, read_manifest, shard_urls
-from ddgm.data.shards import read_shard, read_shards
-from ddgm.quantization import levels_to_unit
+from ddgm.data.shards import read_shard
+from ddgm.data.train_stream import WindowPlan, WindowStream, keep, levels_to_unit_array
 
 
 @dataclass(frozen=True)
 class _Split:
-    """A split's shard URLs and sample counts, with the dataset's image format."""
+    """A split's shard URLs and manifest entries, with the dataset's image format."""
 
     urls: list[str]
-    counts: list[int]
+    entries: list[dict]
     image_shape: tuple[int, int, int]
     num_levels: int
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(entry["count"]) for entry in self.entries]
 
 
 def _open_split(shards: str | Path, split: str) -> tuple[Manifest, _Split]:
     manifest = read_manifest(shards)
     urls = shard_urls(shards, split, manifest)
-    counts = [int(entry["count"]) for entry in manifest.shards[split]]
-    return manifest, _Split(urls, counts, manifest.image_shape, manifest.num_levels)
-
-
-def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
-    levels = torch.from_numpy(np.stack([s[0] for s in samples]))
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return levels, labels
+    return manifest, _Split(urls, manifest.shards[split], manifest.image_shape, manifest.num_levels)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -54,59 +50,62 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, found {value!r}")
 
 
-class _TrainStream(IterableDataset):
-    """One rank's batches (uint8 levels, labels) for one epoch, split over DataLoader workers.
+Block = tuple[np.ndarray, np.ndarray]  # (uint8 levels [n, C, H, W], int64 labels [n])
 
-    Shards are visited in an endless sequence of seeded permutations (the same on every rank);
-    rank r, worker w of W ranks x N workers takes positions r + W*w, r + W*w + W*N, ... of it
-    (node splitting, then worker splitting). So every worker always has data, however few
-    shards there are, and all ranks together read the shards about evenly. Each worker shuffles
-    through a seeded buffer and yields exactly its share of full batches.
-    """
 
-    def __init__(self, split: _Split, *, batch_size: int, num_batches: int, rank: int, world_size: int,
-                 seed: int, epoch: int, shuffle_buffer: int) -> None:
-        super().__init__()
-        self.split, self.batch_size, self.num_batches = split, batch_size, num_batches
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
-        self.shuffle_buffer = shuffle_buffer
+def _as_batch(levels: np.ndarray, labels: np.ndarray, num_levels: int) -> tuple[Tensor, Tensor]:
+    """A batch as the loaders give it: (float32 images in [-1, 1], int64 labels), both newly allocated."""
+    return torch.from_numpy(levels_to_unit_array(levels, num_levels)), torch.from_numpy(labels.copy())
 
-    def _shard_cycle(self) -> Iterator[int]:
-        rng = random.Random(f"shards/{self.seed}/{self.epoch}")
-        order = list(range(len(self.split.urls)))
-        while True:
-            rng.shuffle(order)
-            yield from order
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        share = self.num_batches // num_workers + (worker < self.num_batches % num_workers)
-        if share == 0:
-            return
-        streams = self.world_size * num_workers
-        mine = islice(self._shard_cycle(), self.rank + self.world_size * worker, None, streams)
-        split = self.split
-        samples = (
-            sample
-            for index in mine
-            for sample in read_shard(split.urls[index], split.counts[index], split.image_shape, split.num_levels)
-        )
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{self.world_size}/{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        batches = wds.batched(self.batch_size, collation_fn=_collate, partial=False)(samples)
-        yield from islice(batches, share)
+def _rebatch(blocks: Iterable[Block], batch_size: int, partial: bool) -> Iterator[Block]:
+    """Consecutive batches of ``batch_size`` samples over blocks of any size (the last one short if
+    ``partial``). Batches inside a block are views of it; only a batch that spans blocks is copied."""
+    carry: list[Block] = []
+    carried = 0
+    for levels, labels in blocks:
+        start = 0
+        if carried:
+            start = min(batch_size - carried, len(labels))
+            carry.append((levels[:start], labels[:start]))
+            carried += start
+            if carried < batch_size:
+                continue
+            yield np.concatenate([c[0] for c in carry]), np.concatenate([c[1] for c in carry])
+            carry, carried = [], 0
+        full = start + (len(labels) - start) // batch_size * batch_size
+        for lo in range(start, full, batch_size):
+            yield levels[lo:lo + batch_size], labels[lo:lo + batch_size]
+        if full < len(labels):
+            carry, carried = [(levels[full:], labels[full:])], len(labels) - full
+    if partial and carried:
+        yield np.concatenate([c[0] for c in carry]), np.concatenate([c[1] for c in carry])
+
+
+def _in_order(windows: Iterable[tuple[int, np.ndarray, np.ndarray]], first: int, skip: int) -> Iterator[Block]:
+    """Windows' (levels, labels) from window ``first`` on, checked to arrive in order; the first
+    ``skip`` samples of window ``first`` are dropped."""
+    expected = first
+    for index, levels, labels in windows:
+        if index != expected:
+            raise RuntimeError(f"training window {index} arrived where window {expected} was expected")
+        drop = skip if index == first else 0
+        expected += 1
+        yield levels[drop:], labels[drop:]
 
 
 class TrainLoader:
-    """Training loader: fixed-length, deterministic epochs of full batches on every rank.
+    """Training loader: one endless, deterministic stream of full batches on every rank.
 
-    ``epoch(e)`` yields exactly ``batches_per_epoch`` batches of ``batch_size`` (per rank) on
-    every rank, determined by (seed, e, rank, world_size, num_workers) alone, so a run can
-    resume bit-exactly by replaying an epoch and skipping batches. The default epoch length is
-    ceil(N / (batch_size * world_size)): one pass over the N samples across all ranks. Pass the
-    rank and world size explicitly; do not hand this loader to ``accelerate.prepare``.
+    ``batches(start)`` yields the rank's batches from batch position ``start`` on; batch b is
+    determined by (seed, rank, world_size, batch_size, shuffle_buffer) alone, not by the number of
+    workers, and is the same whether the stream starts at 0 or at b, so a run resumes bit-exactly at
+    its position. Samples are shuffled within windows of whole shards that hold ``shuffle_buffer``
+    samples on average (see :mod:`ddgm.data.train_stream`); each DataLoader worker builds whole
+    windows, started once per stream. ``epoch(e)`` is batches [e * batches_per_epoch, (e + 1) *
+    batches_per_epoch); the default epoch length is ceil(N / (batch_size * world_size)): one pass
+    over the N samples across all ranks. Pass the rank and world size explicitly; do not hand this
+    loader to ``accelerate.prepare``.
     """
 
     def __init__(self, shards: str | Path, split: str = "train", *, batch_size: int, rank: int = 0,
@@ -129,6 +128,9 @@ class TrainLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self._batches_per_epoch = batches_per_epoch or math.ceil(self.num_samples / (batch_size * world_size))
+        counts = self._split.counts
+        per_window = 1 if shuffle_buffer <= 1 else math.ceil(shuffle_buffer * len(counts) / self.num_samples)
+        self._plan = WindowPlan(tuple(counts), rank, world_size, seed, min(per_window, len(counts)))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -149,20 +151,27 @@ class TrainLoader:
     def __len__(self) -> int:
         return self._batches_per_epoch
 
-    def epoch(self, e: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches of epoch ``e``: (images float32 [B, C, H, W] in [-1, 1], labels int64 [B], -1 = none)."""
-        _check_int("epoch", e, 0)
-        stream = _TrainStream(
-            self._split, batch_size=self.batch_size, num_batches=self._batches_per_epoch, rank=self.rank,
-            world_size=self.world_size, seed=self.seed, epoch=e, shuffle_buffer=self.shuffle_buffer,
-        )
-        batches = stream
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless batches from batch position ``start``: (images float32 [B, C, H, W] in [-1, 1],
+        labels int64 [B], -1 = none). Workers, if any, live as long as the iterator."""
+        _check_int("start", start, 0)
+        first, skip = self._plan.locate(start * self.batch_size)
+        split = self._split
+        stream = WindowStream(self._plan, split.urls, split.entries, split.image_shape, split.num_levels,
+                              shuffle=self.shuffle_buffer > 1, first=first)
+        windows: Iterable[tuple[int, np.ndarray, np.ndarray]] = stream
         if self.num_workers > 0:
             # An own generator keeps the DataLoader from drawing on the global torch RNG.
             generator = torch.Generator().manual_seed(self.seed)
-            batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=generator)
-        for levels, labels in batches:
-            yield levels_to_unit(levels, self.num_levels), labels
+            windows = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=generator,
+                                 collate_fn=keep)
+        for levels, labels in _rebatch(_in_order(windows, first, skip), self.batch_size, partial=False):
+            yield _as_batch(levels, labels, self.num_levels)
+
+    def epoch(self, e: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The ``batches_per_epoch`` batches of epoch ``e`` (see :meth:`batches`)."""
+        _check_int("epoch", e, 0)
+        return islice(self.batches(e * self._batches_per_epoch), self._batches_per_epoch)
 
 
 class EvalLoader:
@@ -197,20 +206,20 @@ class EvalLoader:
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
-    def _samples(self) -> Iterator[tuple[np.ndarray, int]]:
+    def _blocks(self) -> Iterator[Block]:
         offset = 0
         split = self._split
-        for url, count in zip(split.urls, split.counts, strict=True):
+        for url, entry in zip(split.urls, split.entries, strict=True):
+            count = int(entry["count"])
             lo, hi = max(self.start - offset, 0), min(self.stop - offset, count)
-            if lo < hi:  # read the whole shard so its sample count is checked
-                for i, sample in enumerate(read_shard(url, count, split.image_shape, split.num_levels)):
-                    if lo <= i < hi:
-                        yield sample
+            if lo < hi:
+                levels, labels = read_shard(url, entry, split.image_shape, split.num_levels)
+                yield levels[lo:hi], labels[lo:hi]
             offset += count
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for levels, labels in wds.batched(self.batch_size, collation_fn=_collate, partial=True)(self._samples()):
-            yield levels_to_unit(levels, self.num_levels), labels
+        for levels, labels in _rebatch(self._blocks(), self.batch_size, partial=True):
+            yield _as_batch(levels, labels, self.num_levels)
 
 
 def eval_batches(shards: str | Path, split: str, batch_size: int, rank: int = 0,
@@ -221,8 +230,9 @@ def eval_batches(shards: str | Path, split: str, batch_size: int, rank: int = 0,
 
 def load_split(shards: str | Path, split: str) -> tuple[Tensor, Tensor]:
     """A whole split in memory: (uint8 levels [N, C, H, W], int64 labels [N]) in stored order."""
-    manifest, data = _open_split(shards, split)
-    samples = list(read_shards(data.urls, data.counts, data.image_shape, data.num_levels))
-    if not samples:
+    _, data = _open_split(shards, split)
+    blocks = [read_shard(url, entry, data.image_shape, data.num_levels)
+              for url, entry in zip(data.urls, data.entries, strict=True)]
+    if not blocks:
         return torch.empty((0, *data.image_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return _collate(samples)
+    return torch.from_numpy(np.concatenate([b[0] for b in blocks])), torch.from_numpy(np.concatenate([b[1] for b in blocks]))

@@ -2,17 +2,17 @@
 
 ``key`` is the sample's index within its split (6+ digits, no dots), ``.npy`` holds the uint8
 levels (C, H, W) and ``.cls`` the label as decimal text (-1 = unlabelled). Tar headers carry
-fixed mtime/owner/mode so that equal data gives byte-identical shards.
+fixed mtime/owner/mode so that equal data gives byte-identical shards. Readers take a shard whole:
+its sha256 is checked against the manifest, then it is decoded in one array pass
+(:mod:`ddgm.data.tar_layout`), or member by member if it was written differently.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import math
 import tarfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ddgm.data.errors import DataError
 from ddgm.data.location import open_url
-from ddgm.data.manifest import Manifest, read_manifest, shard_urls
+from ddgm.data.tar_layout import decode_regular
+from ddgm.data.verification import check_shard_bytes, sha256_file
 
 TAR_HEADER = {"mtime": 0, "user": "ddgm", "group": "ddgm", "mode": 0o444}
 
@@ -52,7 +53,7 @@ def write_split(
             {
                 "name": path.name,
                 "count": min(samples_per_shard, n - i * samples_per_shard),
-                "sha256": _sha256_file(path),
+                "sha256": sha256_file(path),
                 "size": path.stat().st_size,
             }
         )
@@ -98,69 +99,55 @@ def decode_sample(
     return levels, label
 
 
-def read_shard(
-    url: str, count: int, image_shape: tuple[int, int, int], num_levels: int
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Decoded samples of one shard in order; raises DataError naming the shard if it is unreadable,
-    corrupt, or (once read to the end) holds a different number of samples than ``count``."""
+def _read_bytes(url: str) -> bytes:
     try:
         stream = open_url(url)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"shard not found: {url}") from exc
-    seen = 0
-    with stream:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
-        try:
-            for sample in group_by_keys(files, handler=reraise_exception):
-                yield decode_sample(sample, url, image_shape, num_levels)
-                seen += 1
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            if isinstance(exc, DataError):
-                raise
-            reason = exc.args[0] if exc.args else ""
-            raise DataError(f"shard {url} is corrupt or truncated: {type(exc).__name__}: {reason}") from exc
-    if seen != count:
-        raise DataError(f"shard {url} holds {seen} samples, the manifest lists {count} (truncated or corrupt shard)")
+    try:
+        with stream:
+            return stream.read()
+    except OSError as exc:
+        raise DataError(f"shard {url} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
-def read_shards(
-    urls: Iterable[str], counts: Iterable[int], image_shape: tuple[int, int, int], num_levels: int
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Samples of several shards, one after the other."""
-    for url, count in zip(urls, counts, strict=True):
-        yield from read_shard(url, count, image_shape, num_levels)
+def _decode_members(url: str, data: bytes, image_shape: tuple[int, int, int],
+                    num_levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The generic reader: tar members grouped into samples by key, each decoded on its own."""
+    files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}], handler=reraise_exception)
+    levels, labels = [], []
+    try:
+        for sample in group_by_keys(files, handler=reraise_exception):
+            image, label = decode_sample(sample, url, image_shape, num_levels)
+            levels.append(image)
+            labels.append(label)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        reason = exc.args[0] if exc.args else ""
+        raise DataError(f"shard {url} is corrupt or truncated: {type(exc).__name__}: {reason}") from exc
+    if not levels:
+        return np.empty((0, *image_shape), dtype=np.uint8), np.empty(0, dtype=np.int64)
+    return np.stack(levels), np.array(labels, dtype=np.int64)
 
 
-def verify_shards(location: str | Path, splits: Iterable[str] | None = None) -> Manifest:
-    """Check that every shard of ``splits`` (default: all) matches the manifest's size and sha256.
+def read_shard(url: str, entry: dict, image_shape: tuple[int, int, int],
+               num_levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """All samples of one shard in stored order: (uint8 levels [n, C, H, W], int64 labels [n]).
 
-    Reads every byte (cheap for local datasets); raises DataError naming the first bad shard.
-    Returns the manifest.
+    ``entry`` is the shard's manifest entry (count, sha256, size). The whole shard is read and its
+    size and sha256 checked before anything is decoded; raises DataError naming the shard if it
+    differs from the manifest, is corrupt, or holds another number of samples than ``entry["count"]``,
+    and FileNotFoundError if it is missing. Shards in the layout that ``write_split`` writes are
+    decoded with array operations, others member by member. The levels may be a read-only view.
     """
-    manifest = read_manifest(location)
-    for split in manifest.shards if splits is None else splits:
-        for url, entry in zip(shard_urls(location, split, manifest), manifest.shards[split], strict=True):
-            try:
-                stream = open_url(url)
-            except FileNotFoundError as exc:
-                raise FileNotFoundError(f"shard not found: {url}") from exc
-            with stream:
-                digest, size = _sha256_stream(stream)
-            if "size" in entry and size != entry["size"]:
-                raise DataError(f"shard {url} has {size} bytes, the manifest lists {entry['size']} (truncated?)")
-            if digest != entry["sha256"]:
-                raise DataError(f"shard {url} has sha256 {digest}, the manifest lists {entry['sha256']} (corrupt?)")
-    return manifest
-
-
-def _sha256_stream(stream) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := stream.read(1 << 20):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_stream(f)[0]
+    data = _read_bytes(url)
+    check_shard_bytes(url, entry, data)
+    count = int(entry["count"])
+    block = decode_regular(data, count, tuple(image_shape), num_levels, _npy_header(tuple(image_shape)))
+    if block is None:
+        block = _decode_members(url, data, image_shape, num_levels)
+    if len(block[1]) != count:
+        raise DataError(
+            f"shard {url} holds {len(block[1])} samples, the manifest lists {count} (truncated or corrupt shard)")
+    return block
