@@ -10,6 +10,7 @@ from typing import Any
 
 from ddgm.data.errors import DataError
 from ddgm.data.location import file_url, open_url
+from ddgm.data.raw_inputs import RawInputs
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -26,6 +27,7 @@ class Manifest:
     shards: dict[str, list[dict[str, Any]]]
     class_names: list[str] | None = None
     skipped: list[str] = field(default_factory=list)  # bad input files left out (data.skip_bad)
+    raw_inputs: RawInputs | None = None  # content hash of the raw input files; files read, skipped (why), ignored
 
     @property
     def channels(self) -> int:
@@ -44,6 +46,7 @@ class Manifest:
             "class_names": self.class_names,
             "num_skipped": len(self.skipped),
             "skipped": self.skipped,
+            "raw_inputs": None if self.raw_inputs is None else self.raw_inputs.to_record(),
         }
         return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
@@ -60,6 +63,7 @@ class Manifest:
                 shards={str(k): [dict(s) for s in v] for k, v in record["shards"].items()},
                 class_names=record["class_names"],
                 skipped=list(record["skipped"]),
+                raw_inputs=None if record.get("raw_inputs") is None else RawInputs.from_record(record["raw_inputs"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(f"manifest {origin} is corrupt: {type(exc).__name__}: {exc}") from exc

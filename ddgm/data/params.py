@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from ddgm.data.digits import DIGITS_PATH
 from ddgm.data.errors import DataError
 
 SOURCES = ("digits", "folder", "array")
@@ -48,6 +49,8 @@ class DataParams:
         """The parameters that determine the dataset content (stored in the manifest)."""
         record = dataclasses.asdict(self)
         del record["out_dir"], record["samples_per_shard"]
+        if self.source == "digits":
+            record["path"] = None  # DIGITS_PATH only names what DVC tracks; the data is the same either way
         return record
 
 
@@ -73,7 +76,12 @@ def _validate(p: DataParams) -> None:
     if p.source not in SOURCES:
         raise DataError(f"data.source must be one of {SOURCES}, found {p.source!r}")
     if p.source == "digits":
-        for name in ("path", "image_size", "channels"):
+        if p.path not in (None, DIGITS_PATH):
+            raise DataError(
+                f"data.path is not used by source 'digits'; found {p.path!r}, expected {DIGITS_PATH} "
+                f"(the module DVC tracks for it) or null; for your own images set data.source to folder or array"
+            )
+        for name in ("image_size", "channels"):
             if getattr(p, name) is not None:
                 raise DataError(
                     f"data.{name} is not used by source 'digits'; found {getattr(p, name)!r}, expected null"

@@ -13,7 +13,12 @@ from ddgm.data.staging import staged_directory
 
 
 def prepare_dataset(params: DataParams, out_dir: str | Path | None = None) -> Manifest:
-    """Build the dataset described by ``params`` in ``out_dir`` (default ``params.out_dir``)."""
+    """Build the dataset described by ``params`` in ``out_dir`` (default ``params.out_dir``).
+
+    The source is read and checked in full before anything is written; the shards and manifest are
+    written to a temporary directory that replaces ``out_dir`` only when complete, so bad input
+    leaves the previous dataset as it was.
+    """
     data = load_source(params)
     splits = data.fixed_splits or random_split(len(data.images), params.val_fraction, params.test_fraction, params.seed)
     with staged_directory(params.out_dir if out_dir is None else out_dir) as staging:
@@ -31,6 +36,7 @@ def prepare_dataset(params: DataParams, out_dir: str | Path | None = None) -> Ma
             shards=shards,
             class_names=data.class_names,
             skipped=data.skipped,
+            raw_inputs=data.raw,
         )
         write_manifest(manifest, staging)
     return manifest

@@ -6,33 +6,24 @@ Every reader returns a :class:`SourceData`; bad input raises :class:`DataError`
 
 from __future__ import annotations
 
+import io
 import warnings
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from ddgm.data.digits import load_digits_source
 from ddgm.data.errors import DataError
 from ddgm.data.params import DataParams
+from ddgm.data.raw_inputs import ContentHasher, RawInputs
+from ddgm.data.source_data import SourceData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-DIGITS_LEVELS = 17
-DIGITS_SPLIT_SIZES = {"train": 1000, "val": 350}  # the rest (447) is the test split
-
-
-@dataclass
-class SourceData:
-    """A whole dataset in memory, before splitting and sharding."""
-
-    images: np.ndarray  # uint8 levels in 0..num_levels-1, shape (N, C, H, W)
-    labels: np.ndarray  # int64 (N,), -1 where there is no label
-    num_levels: int
-    class_names: list[str] | None = None
-    skipped: list[str] = field(default_factory=list)  # bad inputs left out (skip_bad)
-    fixed_splits: dict[str, np.ndarray] | None = None  # predefined split indices, if the source has them
+IMAGE_FORMATS = ("PNG", "JPEG")
+GRAY_MODES = frozenset({"1", "L", "LA"})
+COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
 
 
 def load_source(params: DataParams) -> SourceData:
@@ -44,47 +35,30 @@ def load_source(params: DataParams) -> SourceData:
     return load_folder_source(params.path, params.image_size, params.channels, params.skip_bad)
 
 
-def load_digits_source() -> SourceData:
-    """scikit-learn's bundled 8x8 digits (levels 0..16) with the fixed reference split 1000/350/447."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = digits.images.astype(np.uint8)[:, None]
-    n_train, n_val = DIGITS_SPLIT_SIZES["train"], DIGITS_SPLIT_SIZES["val"]
-    splits = {
-        "train": np.arange(0, n_train),
-        "val": np.arange(n_train, n_train + n_val),
-        "test": np.arange(n_train + n_val, len(images)),
-    }
-    return SourceData(
-        images=images,
-        labels=digits.target.astype(np.int64),
-        num_levels=DIGITS_LEVELS,
-        class_names=[str(name) for name in digits.target_names],
-        fixed_splits=splits,
-    )
-
-
 def load_array_source(path: str | Path) -> SourceData:
     """A .npy of uint8 images (N, H, W) or (N, H, W, C), or a .npz with ``images`` and optional ``labels``."""
-    path = Path(path)
+    location, path = str(path), Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"array file not found: {path} (data.path)")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
         raise DataError(f"array file {path} must end in .npy or .npz, found {suffix or 'no suffix'!r}")
-    images, labels = _read_arrays(path, suffix)
+    data = path.read_bytes()
+    images, labels = _read_arrays(path, suffix, data)
     images = _check_images_array(path, images)
     n = len(images)
     labels = np.full(n, -1, dtype=np.int64) if labels is None else _check_labels_array(path, labels, n)
-    return SourceData(images=images, labels=labels, num_levels=256)
+    hasher = ContentHasher()
+    hasher.add(path.name, data)
+    raw = RawInputs(location=location, sha256=hasher.hexdigest(), files_read=1)
+    return SourceData(images=images, labels=labels, num_levels=256, raw=raw)
 
 
-def _read_arrays(path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_arrays(path: Path, suffix: str, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         if suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        with np.load(path, allow_pickle=False) as npz:
+            return np.load(io.BytesIO(data), allow_pickle=False), None
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             keys = list(npz.files)
             if "images" in keys:
                 return npz["images"], npz["labels"] if "labels" in keys else None
@@ -128,21 +102,27 @@ def load_folder_source(
     (``channels=1``) or RGB (``channels=3``); with ``channels=None`` all become RGB if any image is
     colour. Alpha is dropped. With ``image_size`` the shorter side is resized to it (Lanczos) and
     the centre square cropped; without it all images must have the same size. Unreadable images
-    raise a DataError, or with ``skip_bad`` are skipped with a warning and listed in ``skipped``.
+    (not PNG/JPEG content, truncated, more than 8 bits per channel) raise a DataError, or with
+    ``skip_bad`` are skipped with a warning and listed in ``skipped``. ``raw`` records the content
+    hash of every image file and the files read, skipped (with the reason) and ignored.
     """
-    root = Path(path)
+    location, root = str(path), Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (data.path)")
-    files, class_names = _list_image_files(root)
+    files, class_names, ignored = _list_image_files(root)
+    hasher = ContentHasher()
     arrays, labels, names, skipped = [], [], [], []
     for file, label in files:
+        relative = file.relative_to(root).as_posix()
+        data = file.read_bytes()
+        hasher.add(relative, data)
         try:
-            arrays.append(_read_image(file, channels, image_size))
+            arrays.append(_read_image(data, channels, image_size))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if not skip_bad:
                 raise DataError(f"cannot read image {file}: {exc} (set data.skip_bad to skip bad files)") from exc
             warnings.warn(f"skipping unreadable image {file}: {exc}", stacklevel=2)
-            skipped.append(file.relative_to(root).as_posix())
+            skipped.append({"file": relative, "reason": str(exc)})
             continue
         labels.append(label)
         names.append(file)
@@ -151,12 +131,14 @@ def load_folder_source(
     _check_same_size(arrays, names)
     if any(a.shape[0] == 3 for a in arrays):
         arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    raw = RawInputs(location, hasher.hexdigest(), files_read=len(arrays), skipped=skipped, ignored=ignored)
     return SourceData(
         images=np.stack(arrays),
         labels=np.asarray(labels, dtype=np.int64),
         num_levels=256,
         class_names=class_names,
-        skipped=skipped,
+        skipped=[entry["file"] for entry in skipped],
+        raw=raw,
     )
 
 
@@ -164,8 +146,18 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _list_image_files(root: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
-    """(file, label) pairs in sorted order, and the class names (None for a flat folder)."""
+def _other_files(root: Path, directories: list[Path]) -> list[str]:
+    """Visible files in ``directories`` that are not images, relative to ``root`` (not inputs: ignored)."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for d in directories
+        for p in d.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not _is_image_file(p)
+    )
+
+
+def _list_image_files(root: Path) -> tuple[list[tuple[Path, int]], list[str] | None, list[str]]:
+    """(file, label) pairs in sorted order, the class names (None for a flat folder), and the ignored files."""
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     class_dirs = [p for p in entries if p.is_dir()]
     top_images = [p for p in entries if _is_image_file(p)]
@@ -175,7 +167,7 @@ def _list_image_files(root: Path) -> tuple[list[tuple[Path, int]], list[str] | N
                 f"no images found in folder {root}: expected {'/'.join(IMAGE_SUFFIXES)} files "
                 f"or one subfolder of them per class"
             )
-        return [(p, -1) for p in top_images], None
+        return [(p, -1) for p in top_images], None, _other_files(root, [root])
     if top_images:
         raise DataError(
             f"folder {root} has both images at the top level ({top_images[0].name}) and subfolders "
@@ -187,13 +179,23 @@ def _list_image_files(root: Path) -> tuple[list[tuple[Path, int]], list[str] | N
         if not images:
             raise DataError(f"class folder {class_dir} holds no images; expected {'/'.join(IMAGE_SUFFIXES)} files")
         files += [(p, label) for p in images]
-    return files, [d.name for d in class_dirs]
+    return files, [d.name for d in class_dirs], _other_files(root, [root, *class_dirs])
 
 
-def _read_image(path: Path, channels: int | None, image_size: int | None) -> np.ndarray:
-    """Decode one image fully (so truncated files fail here) -> uint8 (C, H, W)."""
-    with Image.open(path) as img:
+def _read_image(data: bytes, channels: int | None, image_size: int | None) -> np.ndarray:
+    """Decode one PNG/JPEG fully (so truncated files fail here) -> uint8 (C, H, W).
+
+    Raises ValueError for content that is not PNG/JPEG and for modes with more than 8 bits per
+    channel (16-bit or float images), which an 8-bit conversion would clip.
+    """
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise ValueError("not a PNG or JPEG image (its content is not a recognised image format)") from None
+    with img:
         img.load()
+        if img.mode not in GRAY_MODES | COLOUR_MODES:
+            raise ValueError(f"image mode {img.mode} has more than 8 bits per channel; expected 8-bit grey or colour")
         colour = img.mode not in GRAY_MODES
         img = img.convert("RGB" if (channels or (3 if colour else 1)) == 3 else "L")
     if image_size is not None:
