@@ -19,6 +19,8 @@ from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
 from ddgm.likelihood import elbo_terms, nats_to_bits_per_dim
 from ddgm.models import ArticleDDGM, EpsilonDDGM, build_model
 from ddgm.objectives import compute_objective, full_elbo
+from ddgm.nets.unet import AttentionBlock
+from ddgm.params import load_params, model_config, params_from_dict
 from ddgm.serialization import load_config, load_model, save_model
 from ddgm.timestep_sampler import UniformSampler, make_timestep_sampler
 
@@ -44,7 +46,8 @@ def epsilon_config(kind: str = "mlp", variance: str = "fixed_large", num_steps: 
     network = (
         NetworkConfig(kind="mlp", hidden_dim=128, depth=2)
         if kind == "mlp"
-        else NetworkConfig(kind="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True)
+        else NetworkConfig(kind="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(4,))
     )
     values = dict(
         formulation="epsilon",
@@ -221,6 +224,69 @@ def test_objective_names_and_requirements() -> None:
 def test_bad_config_values_raise_naming_the_parameter(overrides: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         epsilon_config(**overrides)
+
+
+def test_continuous_decoder_with_learned_variance_is_refused_naming_both_keys() -> None:
+    """-log N(x | mu, sigma^2) has no lower bound once sigma^2 is learned: refused up front."""
+    with pytest.raises(ValueError, match="decoder 'continuous'.*variance 'learned_range'"):
+        epsilon_config(variance="learned_range", decoder="continuous")
+    with pytest.raises(ValueError, match="model.decoder 'continuous'.*model.variance 'learned_range'"):
+        params_from_dict({"model": {"variance": "learned_range", "decoder": "continuous"}})
+    for variance in ("fixed_large", "fixed_small"):  # a fixed variance bounds the density
+        assert epsilon_config(variance=variance, decoder="continuous").decoder == "continuous"
+    assert params_from_dict({"model": {"variance": "learned_range", "decoder": "discretized"}}).model.decoder
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ({"attention_resolutions": [0]}, "model.attention_resolutions"),
+        ({"attention_resolutions": [16, -8]}, "model.attention_resolutions"),
+        ({"norm_groups": 0}, "model.norm_groups"),
+        ({"attention": True}, "attention"),  # the old key was replaced by attention_resolutions
+    ],
+)
+def test_bad_unet_params_raise_naming_the_key(model: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        params_from_dict({"model": model})
+
+
+def test_unet_params_reach_the_network() -> None:
+    values = {"model": {"base_channels": 16, "channel_mults": [1, 2, 2], "attention_resolutions": [8, 4],
+                        "norm_groups": 4, "variance": "fixed_small"}}
+    model = build_model(model_config(params_from_dict(values), (3, 16, 16), 256))
+    unet = model.network
+    assert unet.attention_resolutions == (8, 4) and unet.norm_out.num_groups == 4
+    assert model.config.network.attention_resolutions == (8, 4)
+
+
+def test_the_default_params_model_keeps_its_size() -> None:
+    """params.yaml's digits model: a 2-level U-Net without self-attention, learned variances, 634,562 parameters."""
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    model = build_model(model_config(params, (1, 8, 8), 17))
+    assert sum(p.numel() for p in model.parameters()) == 634_562
+    assert not any(isinstance(m, AttentionBlock) for m in model.modules())
+
+
+def test_a_model_file_from_before_attention_resolutions_still_loads(tmp_path: Path) -> None:
+    """Old model.json files hold ``attention: bool`` (self-attention at the lowest resolution)."""
+    torch.manual_seed(0)
+    model = perturb_zero_init(build_model(epsilon_config("unet", "learned_range", 10))).eval()
+    save_model(model, tmp_path / "model")
+    values = json.loads((tmp_path / "model.json").read_text())
+    del values["network"]["attention_resolutions"], values["network"]["norm_groups"]
+    values["network"]["attention"] = True
+    (tmp_path / "model.json").write_text(json.dumps(values))
+    loaded = load_model(tmp_path / "model").eval()
+    assert loaded.config == model.config and loaded.config.network.attention_resolutions == (4,)
+    z, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert torch.equal(loaded.reverse_mean_logvar(z, t)[0], model.reverse_mean_logvar(z, t)[0])
+    values["network"]["attention"] = False
+    assert ModelConfig.from_dict(values).network.attention_resolutions == ()
+    values["network"]["attention_resolutions"] = [4]
+    with pytest.raises(ValueError, match="both 'attention'"):
+        ModelConfig.from_dict(values)
 
 
 def test_article_formulation_needs_mlps() -> None:

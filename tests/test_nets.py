@@ -119,14 +119,46 @@ def test_unet_output_shape(channels: int, side: int) -> None:
         assert net(x, torch.tensor([0.5, 0.25])).shape == (2, 2 * channels, side, side)
 
 
-def test_unet_attention_only_at_lowest_resolution() -> None:
-    net = UNet(1, 1, 16, base_channels=8, channel_mults=(1, 2, 2), norm_groups=4)
-    resolutions: list[int] = []
-    for module in net.modules():
-        if isinstance(module, AttentionBlock):
-            module.register_forward_hook(lambda _m, _inp, out: resolutions.append(out.shape[-1]))
-    net(torch.randn(1, 1, 16, 16), torch.tensor([1]))
-    assert len(resolutions) == 2 + 1 + 3 and set(resolutions) == {4}  # down, middle, up
+def attention_sides(net: UNet, side: int) -> list[int]:
+    """The feature-map side seen by each self-attention call in one forward pass, in call order."""
+    sides: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _inp, out: sides.append(out.shape[-1]))
+             for m in net.modules() if isinstance(m, AttentionBlock)]
+    with torch.no_grad():
+        net(torch.randn(1, net.in_channels, side, side), torch.tensor([1]))
+    for hook in hooks:
+        hook.remove()
+    return sides
+
+
+def test_unet_attention_at_the_lowest_resolution() -> None:
+    net = UNet(1, 1, 16, base_channels=8, channel_mults=(1, 2, 2), attention_resolutions=(4,), norm_groups=4)
+    assert attention_sides(net, 16) == [4] * (2 + 1 + 3)  # down, middle, up
+
+
+@pytest.mark.parametrize(
+    ("attention_resolutions", "expected"),
+    [
+        ((8,), [8, 8, 4, 8, 8, 8]),  # 2 down blocks at 8, the middle block (4), 3 up blocks at 8
+        ((16, 8), [16, 16, 8, 8, 4, 8, 8, 8, 16, 16, 16]),
+        ((16,), [16, 16, 4, 16, 16, 16]),
+    ],
+)
+def test_unet_attention_at_the_given_resolutions(attention_resolutions: tuple[int, ...], expected: list[int]) -> None:
+    """As in Ho et al. 2020: attention after every res block at the listed sides, down and up, plus the middle."""
+    net = UNet(1, 1, 16, base_channels=8, channel_mults=(1, 2, 2), attention_resolutions=attention_resolutions,
+               norm_groups=4)
+    assert attention_sides(net, 16) == expected
+
+
+def test_unet_on_28x28_with_three_levels() -> None:
+    """28 = 4 * 7: levels at 28, 14, 7 round-trip exactly; a fourth level (7 -> 4 -> 8) is refused."""
+    net = UNet(1, 1, 28, base_channels=8, channel_mults=(1, 2, 2), attention_resolutions=(14,), norm_groups=4)
+    assert attention_sides(net, 28) == [14, 14, 7, 14, 14, 14]
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 28, 28), torch.tensor([1, 2])).shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*\\(len\\(channel_mults\\)-1\\) = 8"):
+        UNet(1, 1, 28, base_channels=8, channel_mults=(1, 2, 2, 2), norm_groups=4)
 
 
 def test_unet_default_and_wide_configs_on_8x8() -> None:
@@ -137,7 +169,7 @@ def test_unet_default_and_wide_configs_on_8x8() -> None:
 
 
 def test_unet_three_levels_without_attention() -> None:
-    net = UNet(3, 3, 16, base_channels=8, channel_mults=(1, 2, 2), attention=False, dropout=0.1, norm_groups=4)
+    net = UNet(3, 3, 16, base_channels=8, channel_mults=(1, 2, 2), dropout=0.1, norm_groups=4)
     assert not any(isinstance(m, AttentionBlock) for m in net.modules())
     assert net(torch.randn(2, 3, 16, 16), torch.tensor([3, 4])).shape == (2, 3, 16, 16)
 
@@ -184,6 +216,9 @@ def test_unet_gradients_reach_every_parameter() -> None:
         (dict(dropout=1.0), "dropout"),
         (dict(norm_groups=0), "norm_groups"),
         (dict(base_channels=12, norm_groups=8), "norm_groups=8 must divide"),
+        (dict(attention_resolutions=(16,)), r"attention_resolutions must be sides of .* feature maps \[8, 4\]"),
+        (dict(attention_resolutions=(2,)), "attention_resolutions"),
+        (dict(attention_resolutions=(4.0,)), "attention_resolutions"),
     ],
 )
 def test_unet_constructor_errors(kwargs: dict, match: str) -> None:

@@ -102,7 +102,7 @@ GRAD_STEP = textwrap.dedent(
         formulation="epsilon", image_shape=(1, 8, 8), num_levels=17, variance="learned_range",
         schedule=ScheduleConfig("cosine", 10),
         network=NetworkConfig(kind="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                              attention=True, dropout=0.0))
+                              attention_resolutions=(4,), dropout=0.0))
     torch.manual_seed(0)
     model = build_model(config)
     start = copy.deepcopy(model.state_dict())

@@ -35,10 +35,12 @@ class EpsilonDDGM(DDGM):
                        time_embed_dim=net.hidden_dim, zero_init_output=True)
         return UNet(channels, out_factor * channels, side, base_channels=net.base_channels,
                     channel_mults=net.channel_mults, num_res_blocks=net.num_res_blocks,
-                    attention=net.attention, dropout=net.dropout)
+                    attention_resolutions=net.attention_resolutions, dropout=net.dropout,
+                    norm_groups=net.norm_groups)
 
     def network_output(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """eps_theta(z_t, t), and the variance interpolation v in [-1, 1] when learned (else None)."""
+        """eps_theta(z_t, t), and the variance interpolation output v when learned (else None); v is not
+        clamped (v in [-1, 1] spans log beta~_t .. log beta_t), hence no continuous decoder with it."""
         self.check_input(z_t)
         if self.config.network.kind == "mlp":
             out = self.network(z_t.flatten(1), t).view(z_t.shape[0], -1, *z_t.shape[2:])

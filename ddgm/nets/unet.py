@@ -80,21 +80,78 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def unet_resolutions(image_size: int, num_levels: int) -> list[int]:
+    """The side of the feature maps at each level: ``image_size / 2**i`` for i < ``num_levels``."""
+    return [image_size // 2**level for level in range(num_levels)]
+
+
+def check_unet_args(
+    in_channels: int,
+    out_channels: int,
+    image_size: int,
+    base_channels: int,
+    channel_mults: tuple[int, ...],
+    num_res_blocks: int,
+    attention_resolutions: tuple[int, ...],
+    dropout: float,
+    norm_groups: int,
+) -> None:
+    """ValueError naming the first argument of ``UNet`` that is out of range or inconsistent."""
+    if type(in_channels) is not int or in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+    check_int("out_channels", out_channels, 1)
+    check_int("image_size", image_size, 8)
+    if image_size > 64:
+        raise ValueError(f"image_size must be in [8, 64], got {image_size!r}")
+    check_int("base_channels", base_channels, 1)
+    if not channel_mults:
+        raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {channel_mults!r}")
+    for mult in channel_mults:
+        check_int("each of channel_mults", mult, 1)
+    check_int("num_res_blocks", num_res_blocks, 1)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_int("norm_groups", norm_groups, 1)
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size % factor or image_size // factor < 2:
+        raise ValueError(
+            f"image_size must be divisible by 2**(len(channel_mults)-1) = {factor} with lowest "
+            f"resolution >= 2, got image_size={image_size} and channel_mults={channel_mults}"
+        )
+    resolutions = unet_resolutions(image_size, len(channel_mults))
+    for side in attention_resolutions:
+        if type(side) is not int or side not in resolutions:
+            raise ValueError(
+                f"attention_resolutions must be sides of this U-Net's feature maps {resolutions} "
+                f"(image_size={image_size}, channel_mults={channel_mults}), got {side!r}"
+            )
+    channels = [base_channels * mult for mult in channel_mults]
+    bad = [c for c in channels if c % norm_groups]
+    if bad:
+        raise ValueError(
+            f"norm_groups={norm_groups} must divide every channel count "
+            f"base_channels * channel_mults = {channels}; it does not divide {bad}"
+        )
+
+
 class UNet(nn.Module):
-    """Timestep-conditioned U-Net ``[B, in_channels, S, S] -> [B, out_channels, S, S]``.
+    """Timestep-conditioned U-Net ``[B, in_channels, S, S] -> [B, out_channels, S, S]`` (Ho et al. 2020).
 
     Level i (of ``len(channel_mults)``) works at resolution ``S / 2**i`` with
     ``base_channels * channel_mults[i]`` channels. The encoder has ``num_res_blocks`` residual
     blocks per level and a stride-2 conv between levels; the decoder has ``num_res_blocks + 1``
     blocks per level, each fed the concatenation with one stored encoder activation, and
     nearest + conv upsampling between levels. The middle block is res -> attention -> res.
-    With ``attention=True``, single-head self-attention follows every residual block at the
-    lowest resolution and sits in the middle block; with ``attention=False`` there is none.
+    Single-head self-attention follows every residual block whose resolution (side in pixels)
+    is in ``attention_resolutions``, in the encoder and the decoder, and sits in the middle
+    block whenever ``attention_resolutions`` is non-empty; with ``()`` there is none.
     The timestep goes through a sinusoidal embedding (``base_channels`` features) and
     Linear -> SiLU -> Linear to ``4 * base_channels`` features, added inside every residual
     block. Output: GroupNorm -> SiLU -> zero-initialised 3x3 conv, so the network outputs 0
     at initialisation. ``norm_groups`` must divide every level's channel count (it is checked,
-    not adjusted).
+    not adjusted). Ho et al.'s CIFAR-10 network is ``base_channels=128, channel_mults=(1, 2, 2, 2),
+    num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, norm_groups=32``: 35,746,307
+    parameters with ``out_channels=3``.
     """
 
     def __init__(
@@ -105,86 +162,71 @@ class UNet(nn.Module):
         base_channels: int = 32,
         channel_mults: tuple[int, ...] = (1, 2),
         num_res_blocks: int = 2,
-        attention: bool = True,
+        attention_resolutions: tuple[int, ...] = (),
         dropout: float = 0.0,
         norm_groups: int = 8,
     ) -> None:
         super().__init__()
-        if type(in_channels) is not int or in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
-        check_int("out_channels", out_channels, 1)
-        check_int("image_size", image_size, 8)
-        if image_size > 64:
-            raise ValueError(f"image_size must be in [8, 64], got {image_size!r}")
-        check_int("base_channels", base_channels, 1)
-        channel_mults = tuple(channel_mults)
-        if not channel_mults:
-            raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {channel_mults!r}")
-        for mult in channel_mults:
-            check_int("each of channel_mults", mult, 1)
-        check_int("num_res_blocks", num_res_blocks, 1)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        check_int("norm_groups", norm_groups, 1)
-        factor = 2 ** (len(channel_mults) - 1)
-        if image_size % factor or image_size // factor < 2:
-            raise ValueError(
-                f"image_size must be divisible by 2**(len(channel_mults)-1) = {factor} with lowest "
-                f"resolution >= 2, got image_size={image_size} and channel_mults={channel_mults}"
-            )
-        channels = [base_channels * mult for mult in channel_mults]
-        bad = [c for c in channels if c % norm_groups]
-        if bad:
-            raise ValueError(
-                f"norm_groups={norm_groups} must divide every channel count "
-                f"base_channels * channel_mults = {channels}; it does not divide {bad}"
-            )
-
+        channel_mults, attention_resolutions = tuple(channel_mults), tuple(attention_resolutions)
+        check_unet_args(in_channels, out_channels, image_size, base_channels, channel_mults, num_res_blocks,
+                        attention_resolutions, dropout, norm_groups)
         self.in_channels = in_channels
         self.image_size = image_size
         self.base_channels = base_channels
-        time_dim = 4 * base_channels
+        self.attention_resolutions = attention_resolutions
+        self.dropout, self.norm_groups = dropout, norm_groups
+        self.time_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(
-            nn.Linear(base_channels, time_dim),
+            nn.Linear(base_channels, self.time_dim),
             nn.SiLU(),
-            nn.Linear(time_dim, time_dim),
+            nn.Linear(self.time_dim, self.time_dim),
         )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        channels = [base_channels * mult for mult in channel_mults]
+        resolutions = unet_resolutions(image_size, len(channels))
+        skip_channels = self._build_down(channels, resolutions, num_res_blocks)
+        ch = skip_channels[-1]
+        self.mid_res1 = self._res(ch, ch)
+        self.mid_attn = AttentionBlock(ch, norm_groups) if attention_resolutions else nn.Identity()
+        self.mid_res2 = self._res(ch, ch)
+        self._build_up(channels, resolutions, num_res_blocks, skip_channels)
+        self.norm_out = nn.GroupNorm(norm_groups, base_channels * channel_mults[0])
+        self.conv_out = zero_init(nn.Conv2d(base_channels * channel_mults[0], out_channels, 3, padding=1))
 
-        def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, time_dim, dropout, norm_groups)
+    def _res(self, c_in: int, c_out: int) -> ResBlock:
+        return ResBlock(c_in, c_out, self.time_dim, self.dropout, self.norm_groups)
 
-        def attn_or_identity(c: int, lowest: bool) -> nn.Module:
-            return AttentionBlock(c, norm_groups) if attention and lowest else nn.Identity()
+    def _attention(self, channels: int, side: int) -> nn.Module:
+        return AttentionBlock(channels, self.norm_groups) if side in self.attention_resolutions else nn.Identity()
 
-        last = len(channels) - 1
+    def _build_down(self, channels: list[int], resolutions: list[int], num_res_blocks: int) -> list[int]:
+        """The encoder into ``self.down``; returns the channel count of every stored activation."""
         self.down = nn.ModuleList()
-        skip_channels = [base_channels]
-        ch = base_channels
-        for level, c in enumerate(channels):
+        skip_channels = [self.base_channels]
+        ch = self.base_channels
+        for level, (c, side) in enumerate(zip(channels, resolutions)):
             for _ in range(num_res_blocks):
-                self.down.append(nn.ModuleList([res(ch, c), attn_or_identity(c, level == last)]))
+                self.down.append(nn.ModuleList([self._res(ch, c), self._attention(c, side)]))
                 ch = c
                 skip_channels.append(ch)
-            if level != last:
+            if level != len(channels) - 1:
                 self.down.append(Downsample(ch))
                 skip_channels.append(ch)
+        return skip_channels
 
-        self.mid_res1 = res(ch, ch)
-        self.mid_attn = attn_or_identity(ch, True)
-        self.mid_res2 = res(ch, ch)
-
+    def _build_up(self, channels: list[int], resolutions: list[int], num_res_blocks: int,
+                  skip_channels: list[int]) -> None:
+        """The decoder into ``self.up``, consuming ``skip_channels`` from the end."""
+        skip_channels = list(skip_channels)
         self.up = nn.ModuleList()
+        ch = skip_channels[-1]
         for level in reversed(range(len(channels))):
-            c = channels[level]
+            c, side = channels[level], resolutions[level]
             for _ in range(num_res_blocks + 1):
-                self.up.append(nn.ModuleList([res(ch + skip_channels.pop(), c), attn_or_identity(c, level == last)]))
+                self.up.append(nn.ModuleList([self._res(ch + skip_channels.pop(), c), self._attention(c, side)]))
                 ch = c
             if level != 0:
                 self.up.append(Upsample(ch))
-
-        self.norm_out = nn.GroupNorm(norm_groups, ch)
-        self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predict [B, out_channels, S, S] from images ``x`` [B, in_channels, S, S] at timesteps ``t`` [B]."""
