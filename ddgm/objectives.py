@@ -5,6 +5,7 @@ Negative ELBO (nats) = L_T + sum_{t=2..T} L_{t-1} + L_0   (see ddgm.models.base.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,11 @@ def random_t_elbo(
 def simple_loss(
     model: EpsilonDDGM, x: torch.Tensor, sampler: UniformSampler, generator: torch.Generator | None = None
 ) -> ObjectiveOutput:
-    """L_simple = mean over dimensions of ||eps - eps_theta(sqrt(abar_t) x + sqrt(1-abar_t) eps, t)||^2."""
-    t, _, noise, z_t = _draw(model, x, sampler, generator)
+    """L_simple = w(t) * mean over dimensions of ||eps - eps_theta(sqrt(abar_t) x + sqrt(1-abar_t) eps, t)||^2,
+    t ~ p(t), w(t) = 1 / (T p(t)) (1 for uniform t): the uniform-t L_simple under any sampler."""
+    t, weights, noise, z_t = _draw(model, x, sampler, generator)
     eps, _ = model.network_output(z_t, t)
-    return ObjectiveOutput(((noise - eps) ** 2).flatten(1).mean(1), t)
+    return ObjectiveOutput(weights * ((noise - eps) ** 2).flatten(1).mean(1), t)
 
 
 def hybrid_loss(
@@ -68,14 +70,17 @@ def hybrid_loss(
     generator: torch.Generator | None = None,
     vlb_weight: float = 0.001,
 ) -> ObjectiveOutput:
-    """L_simple + lambda * L_vlb (Nichol & Dhariwal 2021), L_vlb = T L_{t-1} / p(t)-weighted, per
-    dimension, with the mean detached so the VLB part only trains the learned variance."""
+    """L_hybrid = w(t) (L_simple + lambda T L_{t-1} / (D ln 2)), t ~ p(t), w(t) = 1 / (T p(t)):
+    Nichol & Dhariwal 2021's L_simple + lambda L_vlb with L_vlb in bits per dimension (lambda = 0.001
+    in the paper), its mean detached so the VLB part only trains the learned variance. The weight
+    w(t) makes both parts unbiased for uniform t under any sampler, as in the paper's code."""
     t, weights, noise, z_t = _draw(model, x, sampler, generator)
     eps, interp = model.network_output(z_t, t)
     mean, log_var = model.mean_logvar_from_output(z_t, t, eps.detach(), interp)
     terms = model.terms_from_mean_logvar(x, z_t, t, mean, log_var)
-    vlb = model.num_steps * weights * terms / x[0].numel()
-    return ObjectiveOutput(((noise - eps) ** 2).flatten(1).mean(1) + vlb_weight * vlb, t, terms)
+    vlb_bits_per_dim = model.num_steps * terms / (x[0].numel() * math.log(2.0))
+    simple = ((noise - eps) ** 2).flatten(1).mean(1)
+    return ObjectiveOutput(weights * (simple + vlb_weight * vlb_bits_per_dim), t, terms)
 
 
 def compute_objective(

@@ -23,8 +23,10 @@ class UniformSampler:
 
     def sample(self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] (1-indexed, long) and weights 1 / (T p(t)) [B] (float32)."""
-        probs = torch.as_tensor(self.probabilities(), dtype=torch.float64)
+        """t [B] (1-indexed, long) and weights 1 / (T p(t)) [B] (float32). t is drawn on the generator's
+        device (a CUDA generator cannot draw from a CPU tensor)."""
+        draw_on = generator.device if generator is not None else "cpu"
+        probs = torch.as_tensor(self.probabilities(), dtype=torch.float64, device=draw_on)
         index = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.num_steps * probs[index])
         return (index + 1).to(device), weights.float().to(device)

@@ -19,7 +19,7 @@ from ddgm.distributions import discretized_gaussian_log_likelihood, normal_kl, n
 from ddgm.likelihood import elbo_terms, nats_to_bits_per_dim
 from ddgm.models import build_model
 from ddgm.models.base import DDGM
-from ddgm.objectives import compute_objective, full_elbo, random_t_elbo
+from ddgm.objectives import compute_objective, full_elbo, hybrid_loss, random_t_elbo, simple_loss
 from ddgm.schedules import linear_betas
 from ddgm.timestep_sampler import ImportanceSampler, UniformSampler
 
@@ -147,7 +147,7 @@ class ExactReverseDDGM(DDGM):
             formulation="epsilon",
             image_shape=(1, 2, 2),
             decoder="continuous",
-            schedule=ScheduleConfig("linear", num_steps, {}),
+            schedule=ScheduleConfig("linear", num_steps, {"beta_start": 1e-4, "beta_end": 0.02}),  # as given
             network=NetworkConfig(kind="mlp"),
         )
         super().__init__(config)
@@ -405,3 +405,52 @@ def test_elbo_terms_chunking_does_not_change_the_result() -> None:
     c = elbo_terms(model, x, chunk=2, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a.levels, b.levels)
     assert c.levels.shape == a.levels.shape and torch.isfinite(c.levels).all()
+
+
+# --- L_simple and the hybrid loss -----------------------------------------------------------
+
+
+def _small_learned_range_model() -> DDGM:
+    """A float64 epsilon MLP with learned variances on 1x4x4 images, T = 20, nonzero outputs."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        formulation="epsilon", image_shape=(1, 4, 4), num_levels=17,
+        schedule=ScheduleConfig("linear", 20, {"beta_start": 1e-3, "beta_end": 0.2}),
+        network=NetworkConfig(kind="mlp", hidden_dim=32, depth=2), variance="learned_range",
+    )
+    model = build_model(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    return model
+
+
+def _skewed_importance_sampler(num_steps: int) -> ImportanceSampler:
+    sampler = ImportanceSampler(num_steps, history=10)
+    for _ in range(10):
+        sampler.update(torch.arange(1, num_steps + 1), torch.linspace(1.0, 40.0, num_steps) ** 2)
+    assert sampler.probabilities().max() / sampler.probabilities().min() > 100
+    return sampler
+
+
+@pytest.mark.parametrize("kind", ["uniform", "importance"])
+def test_hybrid_and_simple_losses_from_their_pieces(kind: str) -> None:
+    """L_hybrid = w(t) (L_simple + lambda T L_{t-1} / (D ln 2)), w(t) = 1 / (T p(t)): the VLB in bits
+    per dimension (Nichol & Dhariwal's lambda = 0.001 is on bits/dim) and, under importance
+    sampling, both parts reweighted so that the expectation is that of uniform t."""
+    model, x, lam = _small_learned_range_model(), _grid_images(64, seed=5), 0.25
+    sampler = UniformSampler(20) if kind == "uniform" else _skewed_importance_sampler(20)
+    with torch.no_grad():
+        hybrid = hybrid_loss(model, x, sampler, torch.Generator().manual_seed(6), vlb_weight=lam)
+        simple = simple_loss(model, x, sampler, torch.Generator().manual_seed(6))
+        generator = torch.Generator().manual_seed(6)  # the same draws, recomputed from the pieces
+        t, weights = sampler.sample(x.shape[0], generator=generator)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        z_t = model.diffusion.q_sample(x, t, noise)
+        mse = ((noise - model.network_output(z_t, t)[0]) ** 2).flatten(1).mean(1)
+        vlb_bits_per_dim = 20 * model.loss_terms(x, z_t, t) / (16 * math.log(2.0))
+    assert torch.equal(hybrid.t, t) and torch.equal(simple.t, t)
+    assert torch.allclose(simple.loss, weights * mse, rtol=1e-12, atol=0)
+    assert torch.allclose(hybrid.loss, weights * (mse + lam * vlb_bits_per_dim), rtol=1e-12, atol=0)
+    assert (kind == "uniform") == bool((weights == 1).all())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -199,6 +200,27 @@ def load_model_untrained():
     torch.manual_seed(0)
     return build_model(model_config(params_from_dict(tiny(Path("unused"))), (1, 8, 8), 17))
 
+
+
+@pytest.mark.parametrize("decoder", ["discretized", "continuous"])
+def test_train_bits_per_dim_is_logged_only_where_it_is_the_discrete_elbo(tmp_path, monkeypatch, digits_shards,
+                                                                        decoder):
+    """The ELBO objective's batch loss is -ELBO in nats per image; in bits/dim (train/neg_elbo_bpd,
+    > 0) only with the discretized decoder: with the continuous one it is a density and can be < 0."""
+    monkeypatch.chdir(tmp_path)
+    values = tiny(digits_shards, max_steps=10, val_every=10)
+    values["model"].update(variance="fixed_large", decoder=decoder)
+    recorder = Recorder()
+    run(values, recorder)
+    names = {name for name, _, _ in recorder.metrics if name.startswith("train/")}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s"} <= names
+    if decoder == "continuous":
+        assert not [name for name in names if name.endswith("_bpd")], names
+        return
+    for step in recorder.steps("train/neg_elbo_bpd"):
+        bits = recorder.value("train/loss", step) / (64 * math.log(2.0))
+        assert recorder.value("train/neg_elbo_bpd", step) == pytest.approx(bits, rel=1e-12) and bits > 0
+    assert recorder.steps("train/neg_elbo_bpd") == [5, 10]
 
 # --------------------------------------------------------------------------- resume
 
@@ -505,6 +527,11 @@ BAD_PARAMS = {
     "objective vs model": ({"train": {"objective": "hybrid"}, "model": {"variance": "fixed_large"}}, ValueError,
                            "model.variance must be 'learned_range'"),
     "val_max_images": ({"train": {"val_max_images": 0}}, ValueError, "train.val_max_images must be > 0"),
+    "importance t with L_simple": ({"train": {"objective": "simple"}}, ValueError,
+                                   "train.timestep_sampler 'importance' draws t by the running size"),
+    "importance t with the full ELBO": ({"train": {"objective": "full_elbo"}}, ValueError,
+                                        "set train.timestep_sampler to 'uniform'"),
+    "compile mode": ({"train": {"compile_mode": "fastest"}}, ValueError, "train.compile_mode must be one of"),
 }
 
 
@@ -560,6 +587,7 @@ def test_mlflow_run_holds_params_metrics_tags_artifacts_and_resumes(tmp_path, mo
     assert [(m.step, pytest.approx(m.value, rel=1e-5)) for m in history] == [(r["step"], r["val_bpd"]) for r in curve]
     assert sorted(a.path for a in client.list_artifacts(run_id, "model")) == [
         "model/model.json", "model/model.safetensors", "model/val_curve.tsv"]
+    assert "sampler/MLmodel" in [a.path for a in client.list_artifacts(run_id, "sampler")]  # the pyfunc
 
     values["train"]["max_steps"] = 30  # resume: the same run goes on
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(values))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddgm.serialization import atomic_write
+from ddgm.atomic import atomic_write
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "training_state.json"

@@ -25,14 +25,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddgm.config import ModelConfig
-from ddgm.data import TrainLoader, manifest_hash, read_manifest, verify_shards
+from ddgm.data import TrainLoader, manifest_hash, read_manifest, verify_once
+from ddgm.data.lineage import dataset_input
 from ddgm.data.location import local_dir
 from ddgm.models import DDGM, build_model
 from ddgm.objectives import ObjectiveOutput, compute_objective
-from ddgm.serialization import atomic_write, save_model
+from ddgm.atomic import atomic_write
+from ddgm.serialization import save_model
 from ddgm.timestep_sampler import UniformSampler, make_timestep_sampler
 from ddgm.training import checkpoint as ckpt
-from ddgm.params import PipelineParams, check_batch_layout, model_config
+from ddgm.training.acceleration import batch_to_device, compile_networks, configure_backends, make_optimizer
+from ddgm.params import PipelineParams, TrainParams, check_batch_layout, model_config
+from ddgm.training.progress import validation_grid
 from ddgm.training.tracking import Tracker
 from ddgm.training.validation import split_elbo
 
@@ -114,12 +118,6 @@ def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def _optimizer(params: PipelineParams, model: nn.Module) -> torch.optim.Optimizer:
-    t = params.train
-    kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adamax
-    return kind(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-
 def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
     lines = ["\t".join(CURVE_COLUMNS)] + ["\t".join(f"{row[c]:.6g}" for c in CURVE_COLUMNS) for row in rows]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
@@ -132,6 +130,71 @@ def read_curve(path: Path) -> list[dict[str, float]]:
     header, *lines = path.read_text().splitlines()
     names = header.split("\t")
     return [dict(zip(names, map(float, line.split("\t")))) for line in lines if line]
+
+
+@dataclass
+class TrainingStep:
+    """Everything one optimizer step touches, and the step itself (``train`` runs it; so does
+    benchmarks/train_throughput.py, to time it without the loader, logging and checkpoints)."""
+
+    accelerator: Accelerator
+    objective: nn.Module  # the prepared ObjectiveModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: UniformSampler
+    ema: EMA
+    generator: torch.Generator
+    train: TrainParams
+
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One micro-step on the batch ``x`` (already on the device) towards optimizer step ``step``:
+        loss, backward, importance-sampler update, then on the last micro-step clipping, the
+        optimizer and scheduler steps and the EMA update. The mean loss and the gradient norm
+        (None on accumulation micro-steps); NonFiniteLoss before any weight changes."""
+        accelerator, t = self.accelerator, self.train
+        with accelerator.accumulate(self.objective):
+            out = self.objective(x, self.generator)
+            loss = out.loss.mean()
+            if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
+                raise NonFiniteLoss(f"non-finite loss at step {step}; the last checkpoint is kept")
+            accelerator.backward(loss)
+            if out.terms is not None and t.timestep_sampler == "importance":
+                self.sampler.update(accelerator.gather(out.t), accelerator.gather(out.terms.detach()))
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(self.objective.parameters(), t.grad_clip or math.inf)
+            self.optimizer.step()  # a no-op on accumulation micro-steps, as is zero_grad
+            if accelerator.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            self.ema.update()
+        return loss.detach(), grad_norm
+
+
+def build_training_step(params: PipelineParams, config: ModelConfig, accelerator: Accelerator) -> TrainingStep:
+    """Model (seeded by train.seed), its EMA copy, timestep sampler, objective, optimizer and
+    learning-rate schedule, prepared by ``accelerator`` with the speed settings of ``params.train``."""
+    t = params.train
+    torch.manual_seed(t.seed)
+    model = build_model(config)
+    # the EMA copy is taken first: it stays float32, uncompiled and contiguous for validation
+    ema = EMA(model, beta=t.ema_decay, update_after_step=0, update_every=1, include_online_model=False,
+              use_foreach=True)
+    configure_backends(t, accelerator.device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if t.compile:
+        compile_networks(model, t.compile_mode)
+    sampler = make_timestep_sampler(t.timestep_sampler, config.schedule.num_steps)
+    objective = ObjectiveModule(model, t.objective, sampler, t.vlb_weight)
+    optimizer = make_optimizer(t, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_decay, t.min_lr_ratio))
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    ema.to(accelerator.device)
+    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 100003 + accelerator.process_index)
+    return TrainingStep(accelerator, objective, optimizer, scheduler, sampler, ema, generator, t)
 
 
 def train(
@@ -167,22 +230,16 @@ def train(
             "on a machine without GPUs set ACCELERATE_USE_CPU=true (see infra/README.md)")
     micro_batch = check_batch_layout(t, accelerator.num_processes)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if local_dir(shards):  # local shards are checked against the manifest's sha256 up front; remote ones while reading
-        verify_shards(shards, ["train", "val"])
+    if local_dir(shards):  # checked once per dataset version and machine; every shard is also hashed while read
+        verify_once(shards, ["train", "val"], checker=accelerator.is_local_main_process,
+                    wait=accelerator.wait_for_everyone)
 
-    torch.manual_seed(t.seed)
-    model = build_model(config)
-    ema = EMA(model, beta=t.ema_decay, update_after_step=0, update_every=1, include_online_model=False)
-    sampler = make_timestep_sampler(t.timestep_sampler, config.schedule.num_steps)
-    objective = ObjectiveModule(model, t.objective, sampler, t.vlb_weight)
-    optimizer = _optimizer(params, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr_decay, t.min_lr_ratio))
-    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
-    ema.to(accelerator.device)
+    training_step = build_training_step(params, config, accelerator)
+    objective, sampler, ema, generator = (training_step.objective, training_step.sampler, training_step.ema,
+                                          training_step.generator)
+    scheduler = training_step.scheduler
     loader = TrainLoader(shards, "train", batch_size=micro_batch, rank=rank, world_size=world,
                          num_workers=t.num_workers, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
-    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 100003 + rank)
     run_fingerprint = fingerprint(params, config, manifest_hash(shards))
 
     state = {"step": 0, "best_step": -1, "best_val_bpd": math.inf, "bad_validations": 0, "run_id": None}
@@ -219,6 +276,7 @@ def train(
     if tracker.run_id != state["run_id"] or state["run_id"] is None:
         tracker.log_params({"model": config.to_dict(), "train": asdict(t), "num_processes": world})
         tracker.set_tags({"data.manifest_sha256": manifest_hash(shards), "data.location": str(shards)})
+        tracker.log_dataset(**dataset_input(read_manifest(shards), manifest_hash(shards), str(shards)))
     state["run_id"] = tracker.run_id or state["run_id"]
 
     def save_checkpoint() -> None:
@@ -242,6 +300,8 @@ def train(
         tracker.log_metrics({f"val/{k}_bpd": v for k, v in bpd.items()}
                             | {f"val/{k}_nats": getattr(result, k) for k in ("total", "prior", "diffusion", "decoder")},
                             step)
+        if accelerator.is_main_process:  # samples from fixed noise, so the UI shows them improving
+            tracker.log_image(validation_grid(ema.ema_model, seed=t.seed), "samples/grid", step)
         if bpd["total"] < state["best_val_bpd"]:
             state.update(best_val_bpd=bpd["total"], best_step=step, bad_validations=0)
             if accelerator.is_main_process:
@@ -259,37 +319,21 @@ def train(
     progress = tqdm(total=t.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                     desc="train", dynamic_ncols=True)
     data_dim = config.data_dim
-    elbo_objective = t.objective in ("full_elbo", "random_t_elbo")
+    # the ELBO objectives' loss is an unbiased batch estimate of -ELBO (nats per image); in bits/dim
+    # only with the discretized decoder (the continuous one gives a density, not a probability)
+    elbo_bits = t.objective in ("full_elbo", "random_t_elbo") and config.decoder == "discretized"
     window_start, window_images = time.perf_counter(), 0
     stopped_early = 0 < t.patience <= state["bad_validations"]  # a resumed run that had already stopped early
     micro_index = state["step"] * t.grad_accum
     objective.train()
     while state["step"] < t.max_steps and not stopped_early:
-        epoch, skip = divmod(micro_index, loader.batches_per_epoch)
-        for index, (x, _) in enumerate(loader.epoch(epoch)):
-            if index < skip:
-                continue
-            x = x.to(accelerator.device)
-            with accelerator.accumulate(objective):
-                out = objective(x, generator)
-                loss = out.loss.mean()
-                if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
-                    raise NonFiniteLoss(f"non-finite loss at step {state['step'] + 1}; the last checkpoint is kept")
-                accelerator.backward(loss)
-                if out.terms is not None and t.timestep_sampler == "importance":
-                    sampler.update(accelerator.gather(out.t), accelerator.gather(out.terms.detach()))
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip or math.inf)
-                optimizer.step()  # a no-op on accumulation micro-steps, as is zero_grad
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        for x, _ in loader.batches(micro_index):  # one endless stream from the resume position; workers start once
+            x = batch_to_device(x, accelerator.device, t)
+            loss, grad_norm = training_step(x, state["step"] + 1)
             micro_index += 1
             window_images += x.shape[0] * world
             if not accelerator.sync_gradients:
                 continue
-            ema.update()
             state["step"] += 1
             step = state["step"]
             progress.update(1)
@@ -298,12 +342,12 @@ def train(
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
                 metrics = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                            "train/grad_norm": float(grad_norm), "train/images_per_s": window_images / elapsed}
-                if elbo_objective:
-                    metrics["train/elbo_bpd"] = mean_loss / (data_dim * math.log(2.0))
+                if elbo_bits:
+                    metrics["train/neg_elbo_bpd"] = mean_loss / (data_dim * math.log(2.0))
                 tracker.log_metrics(metrics, step)
                 shown = {"loss": f"{mean_loss:.4g}"}
-                if elbo_objective:
-                    shown["bpd"] = f"{metrics['train/elbo_bpd']:.3f}"
+                if elbo_bits:
+                    shown["bpd"] = f"{metrics['train/neg_elbo_bpd']:.3f}"
                 shown |= {"val_bpd": f"{state['best_val_bpd']:.4f}", "img_s": f"{metrics['train/images_per_s']:.0f}"}
                 progress.set_postfix(shown)
                 window_start, window_images = time.perf_counter(), 0
