@@ -20,6 +20,7 @@ from ddgm.config import SAMPLERS
 from ddgm.diffusion import GaussianDiffusion
 from ddgm.models.base import DDGM
 from ddgm.models.epsilon import EpsilonDDGM
+from ddgm.quantization import unit_to_levels
 
 
 
@@ -156,3 +157,25 @@ def sample(
         steps = model.num_steps if num_steps is None else num_steps
         return sample_ddim(model, num_samples, steps, eta, generator, clip_denoised, keep_trajectory)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def sample_levels(
+    model: DDGM,
+    num_samples: int,
+    sampler: str = "ancestral",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 500,
+    clip_denoised: bool = True,
+) -> torch.Tensor:
+    """``num_samples`` samples as integer levels 0..K-1 [N, C, H, W] (uint8 for K <= 256), drawn
+    ``batch_size`` at a time from one generator seeded with ``seed`` on the model's device."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches, left = [], num_samples
+    while left > 0:
+        out = sample(model, min(left, batch_size), sampler, num_steps, eta, generator, clip_denoised)
+        batches.append(unit_to_levels(out.images, model.num_levels))
+        left -= batches[-1].shape[0]
+    return torch.cat(batches)

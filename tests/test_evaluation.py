@@ -207,3 +207,34 @@ BAD_CALLS = {
 def test_bad_inputs_raise_value_error(call, classifier, digits):
     with pytest.raises(ValueError):
         call(classifier, digits)
+
+
+# the reported likelihood
+
+
+def test_reported_val_likelihood_uses_noise_the_checkpoint_selection_never_saw(digits_shards):
+    """With train.seed == evaluate.seed, the evaluate stage's val -ELBO still draws other z_t than the
+    training loop's validation (which picks the best checkpoint), so it is not biased low by that choice."""
+    from ddgm.models import build_model
+    from ddgm.params import model_config, params_from_dict
+    from ddgm.training.validation import split_elbo
+    from pipeline.evaluate import likelihood_metrics
+
+    params = params_from_dict({
+        "diffusion": {"num_steps": 10},
+        "model": {"network": "mlp", "hidden_dim": 32, "depth": 1, "variance": "fixed_large"},
+        "train": {"shards": str(digits_shards), "seed": 0},
+        "evaluate": {"batch_size": 350, "chunk": 10, "seed": 0},
+    })
+    torch.manual_seed(0)
+    model = build_model(model_config(params, (1, 8, 8), K)).eval()
+    with torch.no_grad():  # an output layer that is not all zeros, so the -ELBO depends on z_t
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.05)
+    selection = split_elbo(model, str(digits_shards), "val", 350, 10, params.train.seed).bits_per_dim()["total"]
+    reported = likelihood_metrics(model, params)
+    assert reported["val/total_bpd"] != selection
+    assert reported["val/total_bpd"] == pytest.approx(selection, rel=0.02)  # the same model: Monte Carlo noise only
+    assert likelihood_metrics(model, params)["val/total_bpd"] == reported["val/total_bpd"]  # seeded
+    with pytest.raises(ValueError, match="noise"):
+        split_elbo(model, str(digits_shards), "val", 350, 10, 0, noise="test")
