@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,19 +25,25 @@ from ddgm.quantization import unit_to_levels
 from ddgm.samplers import sample
 from ddgm.serialization import atomic_write, load_model
 from ddgm.training.validation import split_elbo
-from pipeline.common import tracker_for_stage
+from pipeline.common import check_required_tracking, tracker_for_stage
+from pipeline.stage import run_stage
+
+SOURCE = "pipeline/evaluate.py"  # mlflow.source.name of a run this stage opens
 
 
 def likelihood_metrics(model: DDGM, params: PipelineParams) -> dict[str, float]:
-    """Negative ELBO over all T terms for every val and test image, in bits/dim and nats/image."""
+    """Negative ELBO over all T terms for every val and test image, in bits/dim and nats/image, with
+    noise the training's checkpoint selection never saw."""
     e, metrics = params.evaluate, {}
     for split in ("val", "test"):
-        result = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="discretized")
+        result = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="discretized",
+                            noise="evaluation")
         for term, bpd in result.bits_per_dim().items():
             metrics[f"{split}/{term}_bpd"] = bpd
         metrics[f"{split}/nelbo_nats_per_image"] = result.total
         if model.config.decoder == "continuous":  # the article's own objective, a continuous density
-            own = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="continuous")
+            own = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="continuous",
+                             noise="evaluation")
             metrics[f"{split}/continuous_nelbo_nats_per_image"] = own.total
     return metrics
 
@@ -86,11 +93,19 @@ def sampler_comparison(model: DDGM, params: PipelineParams, classifier, test_x: 
     return rows
 
 
+def result_line(metrics: dict[str, float]) -> str:
+    """The headline result: test bits/dim and the samples' Frechet distance (with its floor)."""
+    return (f"test {metrics['test/total_bpd']:.4f} bits/dim, val {metrics['val/total_bpd']:.4f} bits/dim; "
+            f"FD samples {metrics['fd/samples_vs_test']:.2f} (floor {metrics['fd/floor_train_vs_test']:.2f}, "
+            f"pixel model {metrics['fd/pixel_categorical_vs_test']:.2f})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    check_required_tracking(params.tracking)
     torch.manual_seed(params.evaluate.seed)
     model = load_model(Path(params.train.model_dir) / "model").eval()
     samples_path = Path(params.sample.out_dir) / "samples.safetensors"
@@ -113,14 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {k: round(float(v), 6) for k, v in metrics.items()}
     text = json.dumps(metrics, indent=2, sort_keys=True)
     atomic_write(params.evaluate.metrics_file, lambda tmp: Path(tmp).write_text(text + "\n"))
-    tracker = tracker_for_stage(params.train.model_dir, params.tracking)
+    tracker = tracker_for_stage(params.train.model_dir, params.tracking, SOURCE)
     tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, 0)
+    tracker.note("Result", result_line(metrics))
     tracker.log_artifacts([params.evaluate.metrics_file, params.evaluate.comparison_file], "evaluation")
     tracker.close()
-    print(f"test {metrics['test/total_bpd']:.4f} bits/dim, val {metrics['val/total_bpd']:.4f} bits/dim; "
-          f"FD samples {metrics['fd/samples_vs_test']:.2f} (floor {metrics['fd/floor_train_vs_test']:.2f}, "
-          f"pixel model {metrics['fd/pixel_categorical_vs_test']:.2f})")
+    print(result_line(metrics))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

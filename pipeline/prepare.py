@@ -6,9 +6,11 @@ Usage: python -m pipeline.prepare [--params params.yaml]
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ddgm.data.params import load_data_params
 from ddgm.data.prepare import prepare_dataset
+from pipeline.errors import run_reporting_input_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_input_errors(main))

@@ -8,6 +8,7 @@ Usage: python -m pipeline.sample [--params params.yaml]
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -18,25 +19,24 @@ from ddgm.data import load_split
 from ddgm.figures import save_curve, save_image_grid, save_trajectory
 from ddgm.models import DDGM
 from ddgm.params import SampleParams, load_params
-from ddgm.quantization import levels_to_unit, unit_to_levels
-from ddgm.samplers import sample
+from ddgm.quantization import levels_to_unit
+from ddgm.samplers import sample, sample_levels
 from ddgm.serialization import atomic_write, load_model
 from ddgm.training.loop import read_curve
-from pipeline.common import tracker_for_stage
+from pipeline.common import check_required_tracking, tracker_for_stage
+from pipeline.errors import StageInputError
+from pipeline.stage import run_stage
 
 GRID_IMAGES = 100
+SOURCE = "pipeline/sample.py"  # mlflow.source.name of a run this stage opens
 TRAJECTORY_SAMPLES, TRAJECTORY_FRAMES = 6, 10
 
 
 def draw_samples(model: DDGM, p: SampleParams) -> tuple[torch.Tensor, float]:
     """p.num_samples samples as uint8 levels, in batches, from one seeded generator; and seconds taken."""
-    generator = torch.Generator().manual_seed(p.seed)
-    start, batches, left = time.perf_counter(), [], p.num_samples
-    while left > 0:
-        out = sample(model, min(left, p.batch_size), p.sampler, p.num_steps, p.eta, generator, p.clip_denoised)
-        batches.append(unit_to_levels(out.images, model.num_levels))
-        left -= batches[-1].shape[0]
-    return torch.cat(batches), time.perf_counter() - start
+    start = time.perf_counter()
+    levels = sample_levels(model, p.num_samples, p.sampler, p.num_steps, p.eta, p.seed, p.batch_size, p.clip_denoised)
+    return levels, time.perf_counter() - start
 
 
 def to_display(levels: torch.Tensor, num_levels: int) -> torch.Tensor:
@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    check_required_tracking(params.tracking)
     p = params.sample
     model = load_model(Path(params.train.model_dir) / "model").eval()
     if p.sampler == "ddim" and model.config.formulation == "article":
-        raise ValueError("sample.sampler='ddim' needs the epsilon formulation; the article's model uses 'ancestral'")
+        raise StageInputError("sample.sampler='ddim' needs the epsilon formulation; set sample.sampler: ancestral "
+                              "for the article's model")
     torch.manual_seed(p.seed)
     samples, seconds = draw_samples(model, p)
     out = Path(p.out_dir)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(out / "samples.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
     grid = save_image_grid(to_display(samples[:GRID_IMAGES], model.num_levels), out / "grid.png", "samples")
     paths = figures(model, p, params.train.shards, params.train.curve_file, samples)
-    tracker = tracker_for_stage(params.train.model_dir, params.tracking)
+    tracker = tracker_for_stage(params.train.model_dir, params.tracking, SOURCE)
     tracker.log_metrics({"sample/seconds": seconds, "sample/images_per_s": len(samples) / seconds}, 0)
     tracker.log_artifacts([grid, *paths], "figures")
     tracker.close()
@@ -94,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

@@ -2,17 +2,23 @@
 
 Usage: python -m pipeline.train [--params params.yaml]
 Runs unchanged under ``accelerate launch -m pipeline.train`` and ``torchrun -m pipeline.train``.
-Exits 75 after writing a checkpoint when SIGTERM/SIGUSR1 arrives (requeue and rerun to resume).
+Exits 75 after writing a checkpoint when SIGTERM/SIGUSR1 arrives (requeue and rerun to resume),
+1 with one line on stderr on bad input (pipeline/errors.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from ddgm.params import load_params
 from ddgm.training.loop import Preempted, StopSignal, train
-from pipeline.common import open_tracker, write_run_file
+from pipeline.common import check_required_tracking, open_tracker, system_metrics_on, training_note, write_run_file
+from pipeline.stage import run_stage
+
+SOURCE = "pipeline/train.py"  # the run's mlflow.source.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="YAML params file")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    check_required_tracking(params.tracking)
     stop = StopSignal()
     stop.install()
     trackers = []
 
     def make_tracker(run_id: str | None):
-        trackers.append(open_tracker(params.tracking, run_id))
-        return trackers[-1]
+        tracker = open_tracker(params.tracking, run_id, resume_training=run_id is not None, source=SOURCE,
+                               system_metrics=system_metrics_on(params.tracking))
+        if run_id is None:
+            shards = os.environ.get("DDGM_SHARDS") or params.train.shards
+            for section, text in training_note(params, args.params, shards).items():
+                tracker.note(section, text)
+        trackers.append(tracker)
+        return tracker
 
     try:
         result = train(params, make_tracker=make_tracker, stop=stop)
@@ -40,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.close("FAILED")
         raise
     for tracker in trackers:
+        tracker.log_model(Path(params.train.model_dir) / "model", params.tracking.register_model)
         write_run_file(params.train.model_dir, tracker, params.tracking)
         tracker.close()  # the sample and evaluate stages reopen the run
     print(f"trained {result.step} steps; best val {result.best_val_bpd:.4f} bits/dim at step {result.best_step}")
@@ -47,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

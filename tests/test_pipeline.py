@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from support import DVC_GIT_ENV, copy_repo, free_port, scaled, sha256_file, subprocess_env
@@ -199,9 +199,11 @@ def test_dvc_status_clean_and_second_repro_runs_nothing(repro):
     assert "Data and pipelines are up to date." in out, out
     assert {name: (repo / name).stat().st_mtime_ns for name in OUTPUTS} == before
 
-    # every output is ignored by git (or, for dvc.lock, staged by DVC's autostage)
+    # every cached output is ignored by git; dvc.lock is staged by DVC's autostage; the uncached metrics
+    # and plots are for git to track (so that experiments commit them: `dvc exp show`, `dvc plots diff`)
     porcelain = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout.splitlines()
-    assert porcelain == ["A  dvc.lock"], porcelain
+    assert sorted(porcelain) == ["?? metrics.json", "?? plots/sampler_comparison.tsv", "?? plots/val_curve.tsv",
+                                 "A  dvc.lock"], porcelain
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == sorted(STAGES)
 
@@ -296,6 +298,15 @@ def test_one_mlflow_run_for_all_stages(repro):
                 "evaluation/sampler_comparison.tsv"}
     assert expected <= set(files), sorted(files)
     assert files["model/model.safetensors"] == (repo / "models" / "model.safetensors").stat().st_size
+
+    # the best EMA weights are the run's MLflow model (the UI's Model column), and it samples
+    import mlflow
+
+    outputs = client.get_run(run.info.run_id).outputs.model_outputs
+    assert len(outputs) == 1
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    samples = mlflow.pyfunc.load_model(f"models:/{outputs[0].model_id}").predict({"num_samples": 2, "num_steps": 5})
+    assert samples.shape == (2, 1, 8, 8) and samples.dtype == np.uint8
 
 
 def test_git_commit_tag_ignores_dvc_lock(tmp_path, monkeypatch):
