@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddgm.config import (DECODERS, FORMULATIONS, NETWORKS, SAMPLERS, VARIANCES, ModelConfig, NetworkConfig,
-                         ScheduleConfig, check_choice)
+                         ScheduleConfig, check_choice, check_decoder_variance)
 from ddgm.objectives import OBJECTIVES
 from ddgm.schedules import SCHEDULES
 from ddgm.timestep_sampler import TIMESTEP_SAMPLERS
@@ -25,6 +25,7 @@ from ddgm.timestep_sampler import TIMESTEP_SAMPLERS
 OPTIMIZERS = ("adamw", "adamax")
 LR_DECAYS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -49,8 +50,9 @@ class ModelParams:
     base_channels: int = 32
     channel_mults: list[int] = field(default_factory=lambda: [1, 2])
     num_res_blocks: int = 2
-    attention: bool = True
+    attention_resolutions: list[int] = field(default_factory=list)  # sides with self-attention ([] = none)
     dropout: float = 0.0
+    norm_groups: int = 8
 
 
 @dataclass
@@ -70,6 +72,12 @@ class TrainParams:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     mixed_precision: Optional[str] = None  # no | fp16 | bf16; None = the launcher's setting
+    compile: bool = False  # torch.compile the network(s) of the training step (not the EMA/validation model)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    channels_last: bool = False  # NHWC layout for the training model and its input batches
+    allow_tf32: bool = True  # CUDA only: TF32 matmuls/convolutions in the training step
+    fused_optimizer: bool = True  # the fused AdamW kernel, CUDA and CPU (Adamax has none: foreach)
+    pin_memory: bool = True  # CUDA only: page-locked batches copied with non_blocking=True
     seed: int = 0
     num_workers: int = 0
     shuffle_buffer: int = 1000
@@ -117,8 +125,16 @@ class EvaluateParams:
 class TrackingParams:
     uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "ddgm"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # default: the DVC experiment's name ($DVC_EXP_NAME) under `dvc exp run`
     enabled: bool = True
+    required: bool = False  # True: a tracking failure stops the stage (else it warns and goes on untracked)
+    register_model: Optional[str] = None  # a name: register the trained model's pyfunc as a new version of it
+    system_metrics: Optional[bool] = None  # CPU/memory/GPU use beside the curves; None = on when CUDA is available
+
+
+@dataclass
+class ComputeParams:
+    threads: Optional[int] = None  # torch threads per process; None = $OMP_NUM_THREADS, else a fair share of the cores
 
 
 @dataclass
@@ -131,9 +147,10 @@ class PipelineParams:
     sample: SampleParams = field(default_factory=SampleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
 
 
-SECTIONS = ("diffusion", "model", "train", "sample", "evaluate", "tracking")
+SECTIONS = ("diffusion", "model", "train", "sample", "evaluate", "tracking", "compute")
 
 
 def load_params(path: str | Path, sections: tuple[str, ...] = SECTIONS) -> PipelineParams:
@@ -176,9 +193,12 @@ def validate_model(params: PipelineParams) -> None:
     check_choice("model.network", m.network, NETWORKS)
     check_choice("model.variance", m.variance, VARIANCES)
     check_choice("model.decoder", m.decoder, DECODERS)
-    for name in ("hidden_dim", "depth", "base_channels", "num_res_blocks"):
+    for name in ("hidden_dim", "depth", "base_channels", "num_res_blocks", "norm_groups"):
         if getattr(m, name) < 1:
             raise ValueError(f"model.{name} must be >= 1, got {getattr(m, name)!r}")
+    if any(side < 1 for side in m.attention_resolutions):
+        raise ValueError(f"model.attention_resolutions must be image sides >= 1, got {m.attention_resolutions!r}")
+    check_decoder_variance("model.decoder", m.decoder, "model.variance", m.variance)
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"model.dropout must lie in [0, 1), got {m.dropout!r}")
     if m.formulation == "article" and m.network != "mlp":
@@ -198,6 +218,13 @@ def validate_train(train: TrainParams) -> None:
     check_choice("train.lr_decay", train.lr_decay, LR_DECAYS)
     if train.mixed_precision is not None:
         check_choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    check_choice("train.compile_mode", train.compile_mode, COMPILE_MODES)
+    if train.timestep_sampler == "importance" and train.objective in ("full_elbo", "simple"):
+        reason = ("sums every level, so no t is drawn" if train.objective == "full_elbo"
+                  else "sees no ELBO terms L_{t-1} to learn p(t) from")
+        raise ValueError(f"train.timestep_sampler 'importance' draws t by the running size of the ELBO terms "
+                         f"L_{{t-1}}, but train.objective {train.objective!r} {reason}: "
+                         "set train.timestep_sampler to 'uniform'")
     for name in ("lr", "max_steps", "batch_size", "grad_accum", "val_every", "val_batch_size", "val_chunk",
                  "checkpoint_every", "keep_checkpoints", "log_every"):
         _positive(name, getattr(train, name))
@@ -248,7 +275,8 @@ def model_config(params: PipelineParams, image_shape: tuple[int, int, int], num_
                        if getattr(d, k) is not None}
     network = NetworkConfig(kind=m.network, hidden_dim=m.hidden_dim, depth=m.depth, base_channels=m.base_channels,
                             channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
-                            attention=m.attention, dropout=m.dropout)
+                            attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
+                            norm_groups=m.norm_groups)
     return ModelConfig(formulation=m.formulation, image_shape=tuple(image_shape), num_levels=num_levels,
                        schedule=ScheduleConfig(d.schedule, d.num_steps, schedule_params), network=network,
                        variance=m.variance, decoder=m.decoder)
