@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -45,3 +47,12 @@ def digits_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "shards"
     prepare_dataset(DataParams(out_dir=str(out)))
     return out
+
+
+@pytest.fixture
+def restore_signals():
+    """pipeline.train installs SIGTERM/SIGUSR1 handlers; put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

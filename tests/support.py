@@ -64,6 +64,18 @@ def scaled(values: dict, overrides: dict) -> dict:
     return out
 
 
+# Tiny values for params.yaml / the presets (pipeline runs of seconds): keys that must already exist.
+TINY = {
+    "diffusion": {"num_steps": 10},
+    "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
+    "train": {"max_steps": 20, "warmup_steps": 2, "batch_size": 32, "val_every": 10, "val_batch_size": 256,
+              "val_chunk": 10, "checkpoint_every": 10, "log_every": 5},
+    "sample": {"num_samples": 50, "num_steps": 5, "batch_size": 50},
+    "evaluate": {"batch_size": 256, "chunk": 10, "classifier_epochs": 3, "comparison_steps": [2, 5],
+                 "comparison_samples": 20},
+}
+
+
 def copy_repo(dest: Path) -> None:
     """The tracked files of this repository, as they are in the working tree, copied under ``dest``."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout

@@ -5,7 +5,6 @@ exits 1, and shows no traceback unless DDGM_TRACEBACK=1; unexpected errors keep 
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +21,6 @@ def tiny(shards: Path | str, **train) -> dict:
             "train": {"batch_size": 16, "max_steps": 10, "warmup_steps": 2, "val_every": 10, "val_max_images": 100,
                       "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 10, "shards": str(shards)} | train,
             "tracking": {"enabled": False}, "compute": {"threads": 1}}
-
-
-@pytest.fixture
-def restore_signals():
-    """pipeline.train installs SIGTERM/SIGUSR1 handlers; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def run_in_process(stage: str, values: dict, workdir: Path, monkeypatch, capsys) -> tuple[int, str]:

@@ -31,21 +31,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from support import DVC_GIT_ENV, copy_repo, free_port, scaled, sha256_file, subprocess_env
+from support import DVC_GIT_ENV, TINY, copy_repo, free_port, scaled, sha256_file, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "train", "sample", "evaluate")
 
-# Tiny values for params.yaml / the presets: keys that must already exist (nothing is added).
-TINY = {
-    "diffusion": {"num_steps": 10},
-    "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
-    "train": {"max_steps": 20, "warmup_steps": 2, "batch_size": 32, "val_every": 10, "val_batch_size": 256,
-              "val_chunk": 10, "checkpoint_every": 10, "log_every": 5},
-    "sample": {"num_samples": 50, "num_steps": 5, "batch_size": 50},
-    "evaluate": {"batch_size": 256, "chunk": 10, "classifier_epochs": 3, "comparison_steps": [2, 5],
-                 "comparison_samples": 20},
-}
 
 OUTPUTS = [
     "data/shards/manifest.json", "models/model.safetensors", "models/model.json", "plots/val_curve.tsv",

@@ -17,17 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import DVC_GIT_ENV, copy_repo, scaled, subprocess_env
+from support import DVC_GIT_ENV, TINY, copy_repo, scaled, subprocess_env
 
-TINY = {
-    "diffusion": {"num_steps": 10},
-    "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
-    "train": {"max_steps": 20, "warmup_steps": 2, "batch_size": 32, "val_every": 10, "val_batch_size": 256,
-              "val_chunk": 10, "checkpoint_every": 10, "log_every": 5},
-    "sample": {"num_samples": 50, "num_steps": 5, "batch_size": 50},
-    "evaluate": {"batch_size": 256, "chunk": 10, "classifier_epochs": 3, "comparison_steps": [2, 5],
-                 "comparison_samples": 20},
-}
 EXPERIMENTS = {"sweep-lr-1": "0.001", "sweep-lr-4": "0.004"}
 
 

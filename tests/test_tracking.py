@@ -199,16 +199,6 @@ def test_resumed_tracker_skips_the_steps_the_run_holds(project):
     assert len(client.get_metric_history(first.run_id, "train/loss")) == 5
 
 
-@pytest.fixture
-def restore_signals():
-    import signal
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 class Killed(BaseException):
     """Stands for SIGKILL: the process ends between two checkpoints, nothing is cleaned up."""
 

@@ -496,15 +496,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 # --------------------------------------------------------------------------- config errors
 
 
-@pytest.fixture
-def restore_signals():
-    """pipeline.train installs SIGTERM/SIGUSR1 handlers; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def _shards_without_shard_files(root: Path, shards: Path) -> Path:
     bare = root / "bare"
     bare.mkdir()
