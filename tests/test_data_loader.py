@@ -15,13 +15,11 @@ import torch
 
 from ddgm.data import (
     DataError,
-    DataParams,
     EvalLoader,
     TrainLoader,
     eval_batches,
     load_split,
     manifest_hash,
-    prepare_dataset,
     read_manifest,
     shard_urls,
     verify_shards,
@@ -31,11 +29,10 @@ from ddgm.quantization import unit_to_levels
 K = 17  # digits levels
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    prepare_dataset(DataParams(), out)
-    return out
+@pytest.fixture()
+def digits(digits_shards) -> Path:
+    """The session's digits shards (conftest), read only here; tests that change them use digits_copy."""
+    return digits_shards
 
 
 @pytest.fixture()

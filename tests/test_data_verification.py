@@ -9,23 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from ddgm.data import DataError, DataParams, prepare_dataset, verify_once
+from ddgm.data import DataError, verify_once
 from ddgm.data.verification import record_path, unchecked_shards, verify_recorded
 
 SPLITS = ["train", "val"]  # 8 + 3 shards
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    prepare_dataset(DataParams(), out)
-    return out
-
-
 @pytest.fixture()
-def dataset(prepared, tmp_path, monkeypatch) -> Path:
+def dataset(digits_shards, tmp_path, monkeypatch) -> Path:
+    """A copy of the session's digits shards (conftest), with its own verification record folder."""
     monkeypatch.setenv("DDGM_CACHE_DIR", str(tmp_path / "cache"))
-    return Path(shutil.copytree(prepared, tmp_path / "shards"))
+    return Path(shutil.copytree(digits_shards, tmp_path / "shards"))
 
 
 def _flip_byte(path: Path, offset: int = 3000) -> None:
