@@ -56,15 +56,16 @@ from pathlib import Path
 
 import torch
 
+from ddgm.atomic import atomic_write
+from ddgm.config import ModelConfig
 from ddgm.data import DataParams, load_split, prepare_dataset
 from ddgm.likelihood import ELBOTerms, elbo_terms, nats_to_bits_per_dim
 from ddgm.models import DDGM, build_model
 from ddgm.objectives import ObjectiveOutput, compute_objective
-from ddgm.params import PipelineParams, load_params, model_config, params_from_dict
 from ddgm.quantization import levels_to_unit
 from ddgm.samplers import sample
-from ddgm.atomic import atomic_write
 from ddgm.timestep_sampler import UniformSampler, make_timestep_sampler
+from pipeline.params import PipelineParams, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_FORMAT = "ddgm-gpu-check/1"
@@ -192,7 +193,8 @@ def build_fixed_model(params_file: Path, shards: Path, scale: Scale) -> FixedMod
     params = load_params(params_file)
     manifest = prepare_dataset(DataParams(), shards)
     torch.manual_seed(params.train.seed)
-    model = build_model(model_config(params, manifest.image_shape, manifest.num_levels)).train()
+    model = build_model(ModelConfig.build(params.model, params.diffusion, manifest.image_shape,
+                                          manifest.num_levels)).train()
     optimizer = make_optimizer(params, model)
     sampler = make_timestep_sampler(params.train.timestep_sampler, model.num_steps)
     train_images = levels_to_unit(load_split(shards, "train")[0], manifest.num_levels)
@@ -377,8 +379,9 @@ VARIANTS = {  # name: (autocast dtype, TF32, torch.compile)
 
 
 def preset_params(ctx: Context) -> PipelineParams:
-    """The preset's params; with --smoke its U-Net made tiny (8 base channels, one block per level)."""
-    params = load_params(ctx.preset_file)
+    """The params file with the preset's keys set; with --smoke its U-Net made tiny (8 base channels, one
+    block per level)."""
+    params = load_params(ctx.params_file, ctx.preset_file)
     if not ctx.scale.shrink_preset:
         return params
     values = dataclasses.asdict(params)
@@ -393,7 +396,8 @@ class Variant:
         self.ctx, self.params, self.x, self.name = ctx, params, x, name
         self.dtype, self.tf32, compiled = VARIANTS[name]
         torch.manual_seed(params.train.seed)
-        self.model = build_model(model_config(params, PRESET_IMAGE_SHAPE, PRESET_LEVELS)).to(ctx.device).train()
+        config = ModelConfig.build(params.model, params.diffusion, PRESET_IMAGE_SHAPE, PRESET_LEVELS)
+        self.model = build_model(config).to(ctx.device).train()
         if compiled:
             self.model.network = torch.compile(self.model.network)
         self.optimizer = make_optimizer(params, self.model)
@@ -448,7 +452,7 @@ def _warm_up(ctx: Context, params: PipelineParams, x: torch.Tensor, name: str, o
         variant = Variant(ctx, params, x, name)
         first = variant.run(1)
         rest = variant.run(ctx.scale.warmup_steps - 1) if ctx.scale.warmup_steps > 1 else 0.0
-    except Exception as error:  # noqa: BLE001 - recorded; the other variants still run
+    except Exception as error:  # recorded; the other variants still run
         out[name] = {"status": "failed", "error": f"{type(error).__name__}: {error}",
                      "traceback": traceback.format_exc(limit=8)}
         _free_device_memory(ctx)
@@ -496,7 +500,7 @@ def _timed_round(ctx: Context, variants: dict[str, Variant], records: dict) -> N
     for name, variant in list(variants.items()):
         try:
             variant.timed_round(ctx.scale.steps_per_round)
-        except Exception as error:  # noqa: BLE001 - recorded; the other variants still run
+        except Exception as error:  # recorded; the other variants still run
             records[name].update(status="failed", error=f"{type(error).__name__}: {error}",
                                  traceback=traceback.format_exc(limit=8))
             del variants[name]
@@ -580,7 +584,7 @@ def run_section(ctx: Context, report: Report, name: str, section: Callable[[Cont
     try:
         section(ctx, out)
         out["status"] = "ok"
-    except Exception as error:  # noqa: BLE001 - recorded in the report; the next section still runs
+    except Exception as error:  # recorded in the report; the next section still runs
         out.update(status="failed", error=f"{type(error).__name__}: {error}",
                    traceback=traceback.format_exc(limit=12))
         print(f"  {name} failed: {out['error']}", file=sys.stderr, flush=True)

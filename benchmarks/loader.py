@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ddgm.config import ModelConfig
 from ddgm.data import (
     DataParams,
     TrainLoader,
@@ -35,9 +36,9 @@ from ddgm.data import (
 )
 from ddgm.models import build_model
 from ddgm.objectives import compute_objective
-from ddgm.params import load_params, model_config
 from ddgm.quantization import levels_to_unit
 from ddgm.timestep_sampler import make_timestep_sampler
+from pipeline.params import load_params
 
 BASELINE = "in-memory TensorDataset"
 
@@ -96,7 +97,8 @@ def train_step_throughput(shards: str | Path, params_file: str | Path, batch_siz
     after two warm-up steps."""
     params = load_params(params_file)
     manifest = read_manifest(shards)
-    model = build_model(model_config(params, manifest.image_shape, manifest.num_levels)).train()
+    model = build_model(ModelConfig.build(params.model, params.diffusion, manifest.image_shape,
+                                          manifest.num_levels)).train()
     sampler = make_timestep_sampler(params.train.timestep_sampler, params.diffusion.num_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr)
     levels, _ = load_split(shards, "train")

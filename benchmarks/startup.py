@@ -37,9 +37,9 @@ BYTES_PER_IMAGE_OVERHEAD = 2048  # tar headers of the .npy and .cls members, the
 
 def _worker(params_file: str) -> None:
     """One training run; the main process prints the wall-clock time of its first logged step."""
-    from ddgm.params import load_params
     from ddgm.training.loop import train
     from ddgm.training.tracking import Tracker
+    from pipeline.params import load_params
 
     class FirstStep(Tracker):
         def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -47,7 +47,8 @@ def _worker(params_file: str) -> None:
                 self.seen = True
                 print(f"{FIRST_STEP}{time.time():.6f}", flush=True)
 
-    train(load_params(params_file), make_tracker=lambda run_id: FirstStep())
+    params = load_params(params_file)
+    train(params.model, params.diffusion, params.train, params.data.out_dir, make_tracker=lambda run_id: FirstStep())
 
 
 def prepare_synthetic(directory: Path, total_bytes: float, image_shape: tuple[int, int, int]) -> tuple[Path, int]:
@@ -67,8 +68,9 @@ def prepare_synthetic(directory: Path, total_bytes: float, image_shape: tuple[in
 
 def _write_params(base: Path, run_dir: Path, shards: Path, max_steps: int) -> Path:
     doc = yaml.safe_load(base.read_text())
+    doc["data"]["out_dir"] = str(shards)
     doc["train"].update(
-        shards=str(shards), checkpoint_dir=str(run_dir / "checkpoints"), model_dir=str(run_dir / "models"),
+        checkpoint_dir=str(run_dir / "checkpoints"), model_dir=str(run_dir / "models"),
         curve_file=str(run_dir / "val_curve.tsv"), max_steps=max_steps, batch_size=8, grad_accum=1,
         log_every=1, val_every=10**9, val_max_images=2, checkpoint_every=10**9, resume=True)
     doc["tracking"]["enabled"] = False
@@ -132,7 +134,8 @@ def run_cases(workdir: Path, sizes: list[float], processes: list[int], repeats: 
         for count in processes:
             pairs = [_fresh_and_resume(workdir / f"run-{size:.0e}-{count}-{r}", shards, count, base_params)
                      for r in range(repeats)]
-            for kind, seconds in zip(("fresh", "resume"), map(statistics.median, zip(*pairs)), strict=True):
+            medians = map(statistics.median, zip(*pairs, strict=True))  # (fresh, resume) seconds
+            for kind, seconds in zip(("fresh", "resume"), medians, strict=True):
                 rows.append((kind, count, nbytes, seconds))
                 print(f"{kind:<7}{count:>5}{nbytes:>14}{seconds:>9.2f}", flush=True)
         print(f"  (shard check alone over {nbytes} bytes: full read {checks[0]:.2f} s, first recorded check "

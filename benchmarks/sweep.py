@@ -95,7 +95,7 @@ def make_project(dest: Path, overrides: list[str]) -> Path:
 def timed_sweep(project: Path, jobs: int) -> tuple[float, list[str]]:
     """Seconds to run the two queued experiments with ``jobs`` workers, and the thread lines they printed."""
     names = [f"j{jobs}-lr-{lr}" for lr in LEARNING_RATES]
-    for name, lr in zip(names, LEARNING_RATES):
+    for name, lr in zip(names, LEARNING_RATES, strict=True):
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], project)
     start = time.perf_counter()
     try:

@@ -23,7 +23,6 @@ from ddgm.models.epsilon import EpsilonDDGM
 from ddgm.quantization import unit_to_levels
 
 
-
 @dataclass
 class SampleOutput:
     """images: x in [-1, 1] [N, C, H, W]; trajectory: z_{s_k}, ..., z_{s_1}, x when kept."""
@@ -38,7 +37,7 @@ def timestep_subset(num_steps: int, count: int) -> list[int]:
         raise ValueError(f"num_sample_steps must be an integer in [1, {num_steps}], got {count!r}")
     if count == 1:
         return [num_steps]
-    return sorted({int(round(v)) for v in np.linspace(1, num_steps, count)})
+    return sorted({round(v) for v in np.linspace(1, num_steps, count).tolist()})
 
 
 def respaced_diffusion(diffusion: GaussianDiffusion, steps: list[int]) -> GaussianDiffusion:
@@ -51,7 +50,9 @@ def _start(model: DDGM, num_samples: int, generator: torch.Generator | None, dev
     return torch.randn((num_samples, *model.image_shape), generator=generator, device=device)
 
 
-def _denoised(model: EpsilonDDGM, z: torch.Tensor, t: torch.Tensor, clip: bool):
+def _denoised(
+    model: EpsilonDDGM, z: torch.Tensor, t: torch.Tensor, clip: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(eps^, x^, v) at original level t, with x^ clipped to [-1, 1] and eps^ made consistent."""
     eps, interp = model.network_output(z, t)
     x0 = model.diffusion.x0_from_eps(z, t, eps)

@@ -8,12 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ddgm.atomic import atomic_write
 from ddgm.data import manifest_hash, read_manifest
 from ddgm.data.lineage import dataset_input
-from ddgm.params import PipelineParams, TrackingParams
-from ddgm.serialization import atomic_write
-from ddgm.training.tracking import (NOTE_TAG, RunRecord, Tracker, check_store, find_run, make_tracker, read_run,
-                                   resolve_tracking_uri)
+from ddgm.training.config import TrackingConfig
+from ddgm.training.tracking import (
+    NOTE_TAG,
+    RunRecord,
+    Tracker,
+    check_store,
+    find_run,
+    make_tracker,
+    read_run,
+    resolve_tracking_uri,
+)
+from pipeline.params import PipelineParams
 
 RUN_FILE = "run.json"
 # DVC sets these for the stages of `dvc exp run` (also --temp and queued experiments).
@@ -53,7 +62,7 @@ def source_tags(source: str | None = None) -> dict[str, str]:
     return tags
 
 
-def system_metrics_on(tracking: TrackingParams) -> bool:
+def system_metrics_on(tracking: TrackingConfig) -> bool:
     """tracking.system_metrics, where null means: on when CUDA is available."""
     if tracking.system_metrics is not None:
         return tracking.system_metrics
@@ -67,7 +76,7 @@ def experiment_tags() -> dict[str, str]:
     return {tag: os.environ[name] for name, tag in DVC_EXPERIMENT_ENV.items() if os.environ.get(name)}
 
 
-def open_tracker(tracking: TrackingParams, run_id: str | None = None, resume_training: bool = False,
+def open_tracker(tracking: TrackingConfig, run_id: str | None = None, resume_training: bool = False,
                  extra_tags: dict[str, str] | None = None, source: str | None = None,
                  system_metrics: bool = False) -> Tracker:
     """The configured tracker on run ``run_id``, or a new run named ``tracking.run_name``, else after
@@ -94,13 +103,13 @@ def training_note(params: PipelineParams, params_file: str, shards: str) -> dict
             "Data": f"{dataset['name']} ({dataset['source_type']}), manifest sha256 {dataset['digest'][:12]}"}
 
 
-def check_required_tracking(tracking: TrackingParams) -> None:
+def check_required_tracking(tracking: TrackingConfig) -> None:
     """With tracking.required, stop before any work (TrackingError) when the store does not answer."""
     if tracking.enabled and tracking.required:
         check_store(tracking.uri)
 
 
-def write_run_file(model_dir: str | Path, tracker: Tracker, tracking: TrackingParams) -> None:
+def write_run_file(model_dir: str | Path, tracker: Tracker, tracking: TrackingConfig) -> None:
     """Record the run id beside the model so the sample and evaluate stages log into the same run."""
     record = {"run_id": tracker.run_id, "tracking_uri": resolve_tracking_uri(tracking.uri),
               "experiment": tracking.experiment}
@@ -108,7 +117,7 @@ def write_run_file(model_dir: str | Path, tracker: Tracker, tracking: TrackingPa
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
-def tracker_for_stage(model_dir: str | Path, tracking: TrackingParams, source: str | None = None) -> Tracker:
+def tracker_for_stage(model_dir: str | Path, tracking: TrackingConfig, source: str | None = None) -> Tracker:
     """The pipeline run's tracker: the run named in the model folder's run.json (a new run if it has
     none), except under `dvc exp run` when that run belongs to another DVC experiment: DVC restored
     the trained model from its cache (the train stage did not change), and this experiment gets its
@@ -124,7 +133,7 @@ def tracker_for_stage(model_dir: str | Path, tracking: TrackingParams, source: s
     return run_for_reused_model(tracking, exp_name, run_id, trained, source)
 
 
-def run_for_reused_model(tracking: TrackingParams, exp_name: str, train_run_id: str, trained: RunRecord,
+def run_for_reused_model(tracking: TrackingConfig, exp_name: str, train_run_id: str, trained: RunRecord,
                          source: str | None = None) -> Tracker:
     """Experiment ``exp_name``'s run for a model that run ``train_run_id`` trained: the one an earlier
     stage of this experiment opened (tagged ``ddgm.train_run_id``), else a new one holding the

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from ddgm.data.errors import DataError
 
 # Modules that validate params: a ValueError raised there is a bad parameter.
-PARAMS_MODULES = ("ddgm.params", "ddgm.config", "ddgm.data.params", "pipeline.threads")
+PARAMS_MODULES = ("ddgm.config", "ddgm.data.params", "ddgm.training.config", "pipeline.params", "pipeline.params_file",
+                  "pipeline.threads")
 TRACEBACK_ENV = "DDGM_TRACEBACK"
 INPUT_ERROR_EXIT = 1
 MISSING_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -49,7 +50,7 @@ def input_error_hint(error: BaseException) -> str | None:
     text = " ".join(str(error).split())
     if isinstance(error, StageInputError) or is_a(error, "ddgm.training.tracking", "TrackingError"):
         return text
-    if is_a(error, "ddgm.training.loop", "NonFiniteLoss"):
+    if is_a(error, "ddgm.training.step", "NonFiniteLoss"):
         return f"{text}; lower train.lr (or train.grad_clip) and rerun"
     about_shards = "shard" in text or "manifest" in text
     if isinstance(error, (DataError, *MISSING_FILE_ERRORS)):

@@ -16,16 +16,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ddgm.atomic import atomic_write
 from ddgm.data import load_split
-from ddgm.evaluation import (PixelCategorical, accuracy, frechet_distance, inception_score, nearest_neighbour_distance,
-                             train_classifier, uniform_bits_per_dim)
+from ddgm.evaluation import (
+    FeatureClassifier,
+    PixelCategorical,
+    accuracy,
+    frechet_distance,
+    inception_score,
+    nearest_neighbour_distance,
+    train_classifier,
+    uniform_bits_per_dim,
+)
 from ddgm.models import DDGM
-from ddgm.params import PipelineParams, load_params
 from ddgm.quantization import unit_to_levels
 from ddgm.samplers import sample
-from ddgm.serialization import atomic_write, load_model
+from ddgm.serialization import load_model
 from ddgm.training.validation import split_elbo
 from pipeline.common import check_required_tracking, tracker_for_stage
+from pipeline.params import PipelineParams, load_params
 from pipeline.stage import run_stage
 
 SOURCE = "pipeline/evaluate.py"  # mlflow.source.name of a run this stage opens
@@ -36,20 +45,20 @@ def likelihood_metrics(model: DDGM, params: PipelineParams) -> dict[str, float]:
     noise the training's checkpoint selection never saw."""
     e, metrics = params.evaluate, {}
     for split in ("val", "test"):
-        result = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="discretized",
+        result = split_elbo(model, params.data.out_dir, split, e.batch_size, e.chunk, e.seed, decoder="discretized",
                             noise="evaluation")
         for term, bpd in result.bits_per_dim().items():
             metrics[f"{split}/{term}_bpd"] = bpd
         metrics[f"{split}/nelbo_nats_per_image"] = result.total
         if model.config.decoder == "continuous":  # the article's own objective, a continuous density
-            own = split_elbo(model, params.train.shards, split, e.batch_size, e.chunk, e.seed, decoder="continuous",
+            own = split_elbo(model, params.data.out_dir, split, e.batch_size, e.chunk, e.seed, decoder="continuous",
                              noise="evaluation")
             metrics[f"{split}/continuous_nelbo_nats_per_image"] = own.total
     return metrics
 
 
 def quality_metrics(samples: torch.Tensor, shards: str, num_levels: int, epochs: int, seed: int,
-                    ) -> tuple[dict[str, float], object, torch.Tensor]:
+                    ) -> tuple[dict[str, float], FeatureClassifier, torch.Tensor]:
     """Frechet distance in a digit classifier's feature space (with floor and weak reference), IS,
     classifier accuracy and the nearest-training-image distance of the samples."""
     train_x, train_y = load_split(shards, "train")
@@ -75,7 +84,8 @@ def quality_metrics(samples: torch.Tensor, shards: str, num_levels: int, epochs:
     return metrics, classifier, test_x
 
 
-def sampler_comparison(model: DDGM, params: PipelineParams, classifier, test_x: torch.Tensor) -> list[dict]:
+def sampler_comparison(model: DDGM, params: PipelineParams, classifier: FeatureClassifier,
+                       test_x: torch.Tensor) -> list[dict]:
     """Frechet distance and wall time of the configured fast sampler at several step counts, and of
     the full ancestral sampler over all T levels."""
     e, s = params.evaluate, params.sample
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"samples file {samples_path} does not exist (run the sample stage first)")
     samples = load_file(str(samples_path))["images"]
     metrics = likelihood_metrics(model, params)
-    quality, classifier, test_x = quality_metrics(samples, params.train.shards, model.num_levels,
+    quality, classifier, test_x = quality_metrics(samples, params.data.out_dir, model.num_levels,
                                                   params.evaluate.classifier_epochs, params.evaluate.seed)
     metrics.update(quality)
     if model.config.formulation == "epsilon" or params.sample.sampler == "ancestral":

@@ -15,16 +15,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ddgm.atomic import atomic_write
 from ddgm.data import load_split
 from ddgm.figures import save_curve, save_image_grid, save_trajectory
 from ddgm.models import DDGM
-from ddgm.params import SampleParams, load_params
 from ddgm.quantization import levels_to_unit
 from ddgm.samplers import sample, sample_levels
-from ddgm.serialization import atomic_write, load_model
-from ddgm.training.loop import read_curve
+from ddgm.serialization import load_model
+from ddgm.training.curve import read_curve
 from pipeline.common import check_required_tracking, tracker_for_stage
 from pipeline.errors import StageInputError
+from pipeline.params import SampleParams, load_params
 from pipeline.stage import run_stage
 
 GRID_IMAGES = 100
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"num_levels": str(model.num_levels), "sampler": p.sampler, "num_steps": str(p.num_steps), "eta": str(p.eta)}
     atomic_write(out / "samples.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
     grid = save_image_grid(to_display(samples[:GRID_IMAGES], model.num_levels), out / "grid.png", "samples")
-    paths = figures(model, p, params.train.shards, params.train.curve_file, samples)
+    paths = figures(model, p, params.data.out_dir, params.train.curve_file, samples)
     tracker = tracker_for_stage(params.train.model_dir, params.tracking, SOURCE)
     tracker.log_metrics({"sample/seconds": seconds, "sample/images_per_s": len(samples) / seconds}, 0)
     tracker.log_artifacts([grid, *paths], "figures")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ddgm.params import load_params
 from pipeline.errors import run_reporting_input_errors
+from pipeline.params import ComputeParams
+from pipeline.params_file import load_section
 from pipeline.threads import apply_threads
 
 
@@ -27,7 +28,7 @@ def run_stage(main: Callable[[list[str] | None], int | None], argv: list[str] | 
     stderr and status 1."""
 
     def with_threads(args: list[str] | None) -> int | None:
-        apply_threads(load_params(params_path(args), sections=("compute",)).compute)
+        apply_threads(load_section(params_path(args), "compute", ComputeParams))
         return main(args)
 
     with_threads.__module__ = main.__module__  # the stage's name in the error line

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ddgm.params import ComputeParams
 from ddgm.training.tracking import project_root
+from pipeline.params import ComputeParams
 
 EXPERIMENT_WORKSPACES = (".dvc/tmp/exps", ".dvc/tmp/exps/standalone")  # where DVC's executors put tmp* folders
 
@@ -32,7 +32,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def positive_int(name: str, value: str | int | None) -> int | None:
+def positive_int(name: str, value: str | None) -> int | None:
     """``value`` as an integer >= 1, None when unset or empty; else a ValueError naming ``name``."""
     if value is None or value == "":
         return None
@@ -55,9 +55,8 @@ def running_experiments(root: Path, cwd: Path) -> int:
 
 def thread_count(compute: ComputeParams) -> tuple[int, str]:
     """The number of threads for this process and where it comes from."""
-    chosen = positive_int("compute.threads", compute.threads)
-    if chosen:
-        return chosen, "compute.threads"
+    if compute.threads is not None:
+        return compute.threads, "compute.threads"
     chosen = positive_int("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "").split(",")[0])  # "4,2": nested
     if chosen:
         return chosen, "OMP_NUM_THREADS"

@@ -23,18 +23,21 @@ from test_training import (
     tiny,
 )
 
+from ddgm.config import ModelConfig
 from ddgm.models import build_model
-from ddgm.params import TrainParams, params_from_dict
 from ddgm.serialization import load_model
-from ddgm.training import loop
+from ddgm.training import step as step_module
+from ddgm.training import validator
 from ddgm.training.acceleration import (
     batch_to_device,
     compile_networks,
     configure_backends,
     make_optimizer,
 )
-from ddgm.training.loop import Preempted, StopSignal
+from ddgm.training.config import TrainConfig
+from ddgm.training.signals import Preempted, StopSignal
 from ddgm.training.validation import split_elbo
+from pipeline.params import params_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,7 +61,7 @@ def tiny_unet(shards, **train_values) -> dict:
 
 def _spy(monkeypatch, seen: dict) -> None:
     """Record what the training objective and the validation see, then run the real ones."""
-    real_objective, real_split_elbo = loop.compute_objective, loop.split_elbo
+    real_objective, real_split_elbo = step_module.compute_objective, validator.split_elbo
 
     def objective(name, model, x, *args, **kwargs):
         seen.setdefault("train", []).append({
@@ -75,8 +78,8 @@ def _spy(monkeypatch, seen: dict) -> None:
             "contiguous": all(p.is_contiguous() for p in model.parameters())})
         return real_split_elbo(model, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "compute_objective", objective)
-    monkeypatch.setattr(loop, "split_elbo", validation)
+    monkeypatch.setattr(step_module, "compute_objective", objective)
+    monkeypatch.setattr(validator, "split_elbo", validation)
 
 
 def _channels_last_only(model: torch.nn.Module) -> bool:
@@ -140,11 +143,11 @@ def test_compiled_training_resumes_bit_exactly_and_saves_plain_names(tmp_path, m
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     seen = {}
     _spy(monkeypatch, seen)
-    spy = loop.compute_objective
+    spy = step_module.compute_objective
 
     def objective_with_global_rng(**kwargs) -> None:  # the spy, plus a draw from the global RNG
-        monkeypatch.setattr(loop, "compute_objective", spy)
-        monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng(**kwargs))
+        monkeypatch.setattr(step_module, "compute_objective", spy)
+        monkeypatch.setattr(step_module, "compute_objective", _objective_with_global_rng(**kwargs))
 
     monkeypatch.chdir(tmp_path / "a")
     objective_with_global_rng()
@@ -169,11 +172,11 @@ def test_compiled_training_resumes_bit_exactly_and_saves_plain_names(tmp_path, m
 
 def test_fused_adamw_when_asked_for_else_foreach():
     model = torch.nn.Linear(3, 2)
-    fused = make_optimizer(TrainParams(), model)
+    fused = make_optimizer(TrainConfig(), model)
     assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"]
-    foreach = make_optimizer(TrainParams(fused_optimizer=False), model)
+    foreach = make_optimizer(TrainConfig(fused_optimizer=False), model)
     assert not foreach.defaults["fused"] and foreach.defaults["foreach"]
-    adamax = make_optimizer(TrainParams(optimizer="adamax"), model)
+    adamax = make_optimizer(TrainConfig(optimizer="adamax"), model)
     assert isinstance(adamax, torch.optim.Adamax) and adamax.defaults["foreach"]
     for optimizer in (fused, foreach, adamax):  # each kernel steps on CPU
         model(torch.ones(1, 3)).sum().backward()
@@ -189,30 +192,28 @@ def test_tf32_is_set_on_cuda_only():
     try:
         for flag in flags:
             flag.allow_tf32 = False
-        configure_backends(TrainParams(allow_tf32=True), torch.device("cpu"))
+        configure_backends(TrainConfig(allow_tf32=True), torch.device("cpu"))
         assert not any(flag.allow_tf32 for flag in flags)
-        configure_backends(TrainParams(allow_tf32=True), torch.device("cuda"))
+        configure_backends(TrainConfig(allow_tf32=True), torch.device("cuda"))
         assert all(flag.allow_tf32 for flag in flags)
-        configure_backends(TrainParams(allow_tf32=False), torch.device("cuda"))
+        configure_backends(TrainConfig(allow_tf32=False), torch.device("cuda"))
         assert not any(flag.allow_tf32 for flag in flags)
     finally:
-        for flag, value in zip(flags, saved):
+        for flag, value in zip(flags, saved, strict=True):
             flag.allow_tf32 = value
 
 
 def test_batches_on_cpu_are_not_pinned_and_take_the_training_layout():
     x = torch.rand(4, 3, 8, 8)
-    plain = batch_to_device(x, torch.device("cpu"), TrainParams(pin_memory=True))
+    plain = batch_to_device(x, torch.device("cpu"), TrainConfig(pin_memory=True))
     assert torch.equal(plain, x) and plain.is_contiguous() and not plain.is_pinned()
-    nhwc = batch_to_device(x, torch.device("cpu"), TrainParams(channels_last=True))
+    nhwc = batch_to_device(x, torch.device("cpu"), TrainConfig(channels_last=True))
     assert torch.equal(nhwc, x) and nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
 
 
 def test_compile_networks_compiles_in_place_and_keeps_the_state_dict_names(digits_shards):
-    from ddgm.params import model_config
-
     params = params_from_dict(tiny_unet(digits_shards))
-    model = build_model(model_config(params, (1, 8, 8), 17))
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17))
     names = list(model.state_dict())
     assert compile_networks(model, "default") == 1
     assert list(model.state_dict()) == names and _compiled(model.network)

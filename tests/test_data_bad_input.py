@@ -24,7 +24,7 @@ def _array(path: Path) -> DataParams:
     return DataParams(source="array", path=str(path))
 
 
-@pytest.fixture()
+@pytest.fixture
 def folder_with_bad_files(tmp_path) -> Path:
     root = tmp_path / "in"
     for i in range(4):
@@ -63,7 +63,9 @@ def test_skip_bad_warns_skips_and_counts(folder_with_bad_files, tmp_path):
 def test_all_images_bad_with_skip_bad(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"nope")
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable images .*all 1 image files"):
+    with pytest.warns(UserWarning, match="skipping unreadable image"), pytest.raises(
+        DataError, match=r"no readable images .*all 1 image files"
+    ):
         prepare_dataset(_folder(tmp_path / "in", skip_bad=True), tmp_path / "out")
 
 
@@ -75,7 +77,7 @@ def test_folder_without_images(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="image folder not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"image folder not found: .*nowhere"):
         prepare_dataset(_folder(tmp_path / "nowhere"), tmp_path / "out")
 
 

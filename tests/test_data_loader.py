@@ -29,13 +29,13 @@ from ddgm.quantization import unit_to_levels
 K = 17  # digits levels
 
 
-@pytest.fixture()
+@pytest.fixture
 def digits(digits_shards) -> Path:
     """The session's digits shards (conftest), read only here; tests that change them use digits_copy."""
     return digits_shards
 
 
-@pytest.fixture()
+@pytest.fixture
 def digits_copy(digits, tmp_path) -> Path:
     return Path(shutil.copytree(digits, tmp_path / "shards"))
 
@@ -69,7 +69,7 @@ def test_epochs_are_deterministic_and_differ(digits):
     first, again = _epoch(loader, 2), _epoch(TrainLoader(digits, batch_size=50, num_workers=1, seed=3,
                                                          shuffle_buffer=200), 2)
     assert len(first) == 20
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0][0], _epoch(loader, 3)[0][0])
     other_seed = TrainLoader(digits, batch_size=50, num_workers=1, seed=4, shuffle_buffer=200)
     assert not torch.equal(first[0][0], _epoch(other_seed, 2)[0][0])
@@ -117,8 +117,8 @@ def test_eval_pass_sees_every_sample_exactly_once(digits, world_size):
         sizes.append(sum(len(images) for images, _ in batches))
         assert sizes[-1] == loader.num_samples
         for images, labels in batches:
-            seen.update(zip(_keys(images), labels.tolist()))
-    expected = Counter(zip((img.numpy().tobytes() for img in test_images), test_labels.tolist()))
+            seen.update(zip(_keys(images), labels.tolist(), strict=True))
+    expected = Counter(zip((img.numpy().tobytes() for img in test_images), test_labels.tolist(), strict=True))
     assert seen == expected and sum(sizes) == 447
     assert max(sizes) - min(sizes) <= 1
 

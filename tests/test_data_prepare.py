@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 from support import sha256_file
 
-from ddgm.data import DataError, DataParams, load_data_params, load_split, manifest_hash, prepare_dataset, read_manifest
+from ddgm.data import DataError, DataParams, load_split, manifest_hash, prepare_dataset, read_manifest
+from pipeline.params_file import load_section
 from pipeline.prepare import main as prepare_main
 
 SPLITS = ("train", "val", "test")
@@ -23,12 +24,13 @@ def _all_samples(out: Path) -> list[tuple[bytes, int]]:
     result = []
     for split in SPLITS:
         images, labels = load_split(out, split)
-        result += [(img.numpy().tobytes(), int(lab)) for img, lab in zip(images, labels)]
+        result += [(img.numpy().tobytes(), int(lab)) for img, lab in zip(images, labels, strict=True)]
     return sorted(result)
 
 
 def _expected(images: list[np.ndarray], labels: list[int]) -> list[tuple[bytes, int]]:
-    return sorted((np.ascontiguousarray(img, dtype=np.uint8).tobytes(), lab) for img, lab in zip(images, labels))
+    pairs = zip(images, labels, strict=True)
+    return sorted((np.ascontiguousarray(img, dtype=np.uint8).tobytes(), lab) for img, lab in pairs)
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -198,14 +200,14 @@ def test_pipeline_prepare_reads_data_section(tmp_path, monkeypatch, capsys):
     assert read_manifest(tmp_path / "out").source["path"] == "x.npy"
 
 
-def test_load_data_params_defaults_and_errors(tmp_path):
+def test_load_data_section_defaults_and_errors(tmp_path):
     (tmp_path / "p.yaml").write_text("train: {}\n")
-    assert load_data_params(tmp_path / "p.yaml") == DataParams()
-    with pytest.raises(FileNotFoundError, match="missing.yaml"):
-        load_data_params(tmp_path / "missing.yaml")
+    assert load_section(tmp_path / "p.yaml", "data", DataParams) == DataParams()
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        load_section(tmp_path / "missing.yaml", "data", DataParams)
     (tmp_path / "q.yaml").write_text("data:\n  sorce: digits\n")
-    with pytest.raises(DataError, match="data.sorce"):
-        load_data_params(tmp_path / "q.yaml")
+    with pytest.raises(ValueError, match=r"unknown params key data\.sorce"):
+        load_section(tmp_path / "q.yaml", "data", DataParams)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,8 @@ def _take(loader: TrainLoader, count: int, start: int = 0) -> list[tuple[torch.T
 
 
 def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    pairs = zip(a, b, strict=True)
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in pairs)
 
 
 @pytest.mark.timeout(60)
@@ -156,4 +157,4 @@ def test_plain_webdataset_reads_the_shards(digits):
     samples = list(wds.WebDataset(shard_urls(digits, "val"), shardshuffle=False).decode())
     assert len(samples) == read_manifest(digits).splits["val"] == len(images)
     assert all(np.array_equal(s["npy"], img.numpy()) and s["cls"] == int(label)
-               for s, img, label in zip(samples, images, labels))
+               for s, img, label in zip(samples, images, labels, strict=True))

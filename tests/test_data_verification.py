@@ -15,7 +15,7 @@ from ddgm.data.verification import record_path, unchecked_shards, verify_recorde
 SPLITS = ["train", "val"]  # 8 + 3 shards
 
 
-@pytest.fixture()
+@pytest.fixture
 def dataset(digits_shards, tmp_path, monkeypatch) -> Path:
     """A copy of the session's digits shards (conftest), with its own verification record folder."""
     monkeypatch.setenv("DDGM_CACHE_DIR", str(tmp_path / "cache"))
@@ -32,7 +32,7 @@ def test_checked_once_then_skipped_until_a_shard_changes(dataset):
     assert verify_recorded(dataset, SPLITS) == 11
     assert verify_recorded(dataset, SPLITS) == 0
     assert verify_recorded(dataset, ["train", "val", "test"]) == 4  # only the test shards are new
-    assert not any(p.name.startswith(".") or p.suffix == ".json" and p.name != "manifest.json"
+    assert not any(p.name.startswith(".") or (p.suffix == ".json" and p.name != "manifest.json")
                    for p in dataset.iterdir())  # the record is not written into the dataset
     shard = dataset / "val-000001.tar"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))

@@ -183,7 +183,8 @@ def test_tables_have_T_plus_one_entries_and_float64_source() -> None:
     for name, buffer in diffusion.named_buffers():
         assert buffer.shape == (1001,), name
     assert diffusion.abar64.dtype == np.float64
-    np.testing.assert_allclose(diffusion.abar64, np.concatenate([[1.0], np.cumprod(1 - linear_betas(1000))]), rtol=1e-15)
+    expected = np.concatenate([[1.0], np.cumprod(1 - linear_betas(1000))])
+    np.testing.assert_allclose(diffusion.abar64, expected, rtol=1e-15)
     assert diffusion.abar[0] == 1 and diffusion.beta[0] == 0
     # buffers are not part of a checkpoint: they are a function of the config
     assert diffusion.state_dict() == {}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.config import ModelConfig, ScheduleConfig
 from ddgm.distributions import discretized_gaussian_log_likelihood, normal_kl, normal_log_density
 from ddgm.likelihood import elbo_terms, nats_to_bits_per_dim
 from ddgm.models import build_model
@@ -51,7 +51,8 @@ def test_normal_kl_matches_monte_carlo() -> None:
     assert torch.all((kl - mc).abs() <= 5 * se), (kl, mc, se)
     # exact cross-check and the basic properties
     reference = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean1, torch.exp(0.5 * log_var1)), torch.distributions.Normal(mean2, torch.exp(0.5 * log_var2))
+        torch.distributions.Normal(mean1, torch.exp(0.5 * log_var1)),
+        torch.distributions.Normal(mean2, torch.exp(0.5 * log_var2)),
     )
     assert torch.allclose(kl, reference, rtol=1e-12, atol=1e-14)
     assert torch.all(kl >= 0)
@@ -77,9 +78,13 @@ LOG_SCALES = [-15.0, -8.0, -3.0, -1.0, 0.0, 2.0, 8.0]
 def test_discretized_decoder_probabilities_sum_to_one(num_levels: int) -> None:
     """The K bin probabilities (edge bins extended to +-inf) sum to 1 for any mean and scale."""
     x = _grid(num_levels)
-    mean, log_scale = torch.meshgrid(torch.tensor(MEANS, dtype=torch.float64), torch.tensor(LOG_SCALES, dtype=torch.float64), indexing="ij")
+    mean, log_scale = torch.meshgrid(
+        torch.tensor(MEANS, dtype=torch.float64), torch.tensor(LOG_SCALES, dtype=torch.float64), indexing="ij"
+    )
     mean, log_scale = mean.reshape(-1, 1), log_scale.reshape(-1, 1)
-    log_p = discretized_gaussian_log_likelihood(x.expand(mean.shape[0], -1), mean.expand(-1, num_levels), log_scale.expand(-1, num_levels), num_levels)
+    log_p = discretized_gaussian_log_likelihood(
+        x.expand(mean.shape[0], -1), mean.expand(-1, num_levels), log_scale.expand(-1, num_levels), num_levels
+    )
     assert log_p.dtype == torch.float64
     assert torch.all(log_p <= 1e-12) and not torch.isnan(log_p).any()
     total = torch.logsumexp(log_p, dim=1).exp()
@@ -94,7 +99,8 @@ def test_discretized_decoder_matches_cdf_differences() -> None:
     cdf = lambda v: torch.special.ndtr((v - mean) / scale)  # noqa: E731
     expected = cdf(x + h) - cdf(x - h)
     expected[0], expected[-1] = cdf(x[0] + h), 1 - cdf(x[-1] - h)
-    got = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(scale)), num_levels).exp()
+    log_scale = torch.full_like(x, math.log(scale))
+    got = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), log_scale, num_levels).exp()
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-14)
 
 
@@ -104,7 +110,9 @@ def test_discretized_decoder_gradients_are_finite(num_levels: int, dtype: torch.
     """No NaN/inf gradient anywhere: edge bins (the +-inf branches), bins far from the mean,
     extreme means and tiny or huge scales."""
     x = _grid(num_levels, dtype)
-    mean0, log_scale0 = torch.meshgrid(torch.tensor(MEANS, dtype=dtype), torch.tensor(LOG_SCALES, dtype=dtype), indexing="ij")
+    mean0, log_scale0 = torch.meshgrid(
+        torch.tensor(MEANS, dtype=dtype), torch.tensor(LOG_SCALES, dtype=dtype), indexing="ij"
+    )
     mean = mean0.reshape(-1, 1).expand(-1, num_levels).clone().requires_grad_(True)
     log_scale = log_scale0.reshape(-1, 1).expand(-1, num_levels).clone().requires_grad_(True)
     log_p = discretized_gaussian_log_likelihood(x.expand_as(mean), mean, log_scale, num_levels)
@@ -147,8 +155,9 @@ class ExactReverseDDGM(DDGM):
             formulation="epsilon",
             image_shape=(1, 2, 2),
             decoder="continuous",
-            schedule=ScheduleConfig("linear", num_steps, {"beta_start": 1e-4, "beta_end": 0.02}),  # as given
-            network=NetworkConfig(kind="mlp"),
+            variance="fixed_large",
+            diffusion=ScheduleConfig("linear", num_steps, beta_start=1e-4, beta_end=0.02),  # as given
+            network="mlp",
         )
         super().__init__(config)
         betas = torch.from_numpy(np.concatenate([[0.0], linear_betas(num_steps)]))  # float64, index t
@@ -217,7 +226,9 @@ def gaussian_data(n: int, seed: int) -> torch.Tensor:
     return (DATA_MEAN + DATA_STD * torch.randn(n, 4, generator=generator, dtype=torch.float64)).view(n, 1, 2, 2)
 
 
-def bound_check(model: ExactReverseDDGM, x: torch.Tensor, reps: int, seed: int) -> tuple[bool, float, float, torch.Tensor]:
+def bound_check(
+    model: ExactReverseDDGM, x: torch.Tensor, reps: int, seed: int
+) -> tuple[bool, float, float, torch.Tensor]:
     """Does the Monte Carlo -ELBO (ddgm.likelihood.elbo_terms, ``reps`` draws per x) lie above
     -log p_model(x) on average? Returns (holds, mean gap, its SE, per-draw totals); the bound
     holds when the mean gap >= -4.5 SE."""
@@ -274,7 +285,7 @@ def test_negative_elbo_bounds_exact_nll_and_gap_shrinks_with_T() -> None:
     assert exact_gaps[2] < 1e-4
     # Monte Carlo: each estimated gap is within 4.5 SE of its closed form (SEs 0.02-0.03 nats),
     # so the estimates decrease too (the steps down, 0.47 and 0.24 nats, are > 5 combined SEs)
-    for exact, gap, se in zip(exact_gaps, mc_gaps, mc_ses):
+    for exact, gap, se in zip(exact_gaps, mc_gaps, mc_ses, strict=True):
         assert abs(gap - exact) <= SE_TOL * se, (exact_gaps, mc_gaps, mc_ses)
     assert mc_gaps[0] > mc_gaps[1] > mc_gaps[2], mc_gaps
     assert abs(mc_gaps[2]) <= SE_TOL * mc_ses[2], (mc_gaps[2], mc_ses[2])  # small at T = 1000
@@ -302,8 +313,8 @@ def _small_epsilon_model(num_steps: int = 20) -> DDGM:
         formulation="epsilon",
         image_shape=(1, 4, 4),
         num_levels=17,
-        schedule=ScheduleConfig("linear", num_steps, {"beta_start": 1e-3, "beta_end": 0.2}),
-        network=NetworkConfig(kind="mlp", hidden_dim=32, depth=2),
+        diffusion=ScheduleConfig("linear", num_steps, beta_start=1e-3, beta_end=0.2),
+        network="mlp", hidden_dim=32, depth=2,
         variance="fixed_large",
     )
     model = build_model(config).double()
@@ -368,7 +379,8 @@ def test_full_elbo_objective_matches_elbo_terms(small_model_elbo) -> None:
     independently: different latents, same expectation."""
     model, x, terms = small_model_elbo
     with torch.no_grad():
-        out = compute_objective("full_elbo", model, x.repeat(500, 1, 1, 1), UniformSampler(20), torch.Generator().manual_seed(5))
+        generator = torch.Generator().manual_seed(5)
+        out = compute_objective("full_elbo", model, x.repeat(500, 1, 1, 1), UniformSampler(20), generator)
     assert out.t is None and out.loss.shape == (4000,)
     assert _agree(_mean_se(out.loss), _mean_se(terms.total))
 
@@ -388,7 +400,7 @@ def test_full_elbo_is_differentiable_and_matches_per_level_terms() -> None:
 
 
 def test_elbo_terms_layout_and_bits_per_dim(small_model_elbo) -> None:
-    model, x, terms = small_model_elbo
+    _, _, terms = small_model_elbo
     assert terms.levels.shape == (4000, 20) and terms.prior.shape == (4000,)
     assert torch.allclose(terms.total, terms.prior + terms.decoder + terms.diffusion)
     assert torch.all(terms.levels[:, 1:] >= -1e-6)  # KLs
@@ -415,8 +427,8 @@ def _small_learned_range_model() -> DDGM:
     torch.manual_seed(0)
     config = ModelConfig(
         formulation="epsilon", image_shape=(1, 4, 4), num_levels=17,
-        schedule=ScheduleConfig("linear", 20, {"beta_start": 1e-3, "beta_end": 0.2}),
-        network=NetworkConfig(kind="mlp", hidden_dim=32, depth=2), variance="learned_range",
+        diffusion=ScheduleConfig("linear", 20, beta_start=1e-3, beta_end=0.2),
+        network="mlp", hidden_dim=32, depth=2, variance="learned_range",
     )
     model = build_model(config).double()
     with torch.no_grad():

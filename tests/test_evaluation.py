@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_training_is_deterministic_and_keeps_global_rng(digits):
         train_classifier(digits["train"][:200], digits["train_y"][:200], K, epochs=1, seed=3) for _ in range(2)
     )
     assert torch.equal(torch.get_rng_state(), state)
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -182,30 +183,39 @@ def test_pixel_categorical_samples_follow_fitted_frequencies(digits):
 # bad input
 
 
+# name: (what the message must say, the call)
 BAD_CALLS = {
-    "float images": lambda c, d: accuracy(c, d["test"].float(), d["test_y"], K),
-    "label count": lambda c, d: accuracy(c, d["test"], d["test_y"][:-1], K),
-    "levels above K-1": lambda c, d: accuracy(c, d["test"], d["test_y"], 4),
-    "fid image shape": lambda c, d: frechet_distance(c, d["test"][:, :, :7], d["test"], K),
-    "fid single image": lambda c, d: frechet_distance(c, d["test"][:1], d["test"], K),
-    "is splits": lambda c, d: inception_score(c, d["test"], K, splits=0),
-    "is 3-d": lambda c, d: inception_score(c, d["test"][0], K),
-    "nn shapes": lambda c, d: nearest_neighbour_distance(d["test"], d["train"][:, :, :4], K),
-    "num_classes too small": lambda c, d: train_classifier(d["test"], d["test_y"], K, num_classes=5),
-    "val labels missing": lambda c, d: train_classifier(d["test"], d["test_y"], K, val_images=d["val"]),
-    "epochs": lambda c, d: train_classifier(d["test"], d["test_y"], K, epochs=0),
-    "alpha": lambda c, d: PixelCategorical.fit(d["test"], K, alpha=0.0),
-    "K < 2": lambda c, d: PixelCategorical.fit(d["test"], 1),
-    "probs sum": lambda c, d: PixelCategorical(torch.full((1, 2, 2, K), 0.5)),
-    "bits shape": lambda c, d: PixelCategorical.fit(d["test"], K).log_prob_bits_per_dim(d["test"][:, :, :4]),
-    "sample n": lambda c, d: PixelCategorical.fit(d["test"], K).sample(0, torch.Generator()),
-    "num_classes": lambda c, d: FeatureClassifier(1, 8, num_classes=1),
+    "float images": ("images must hold integer levels", lambda c, d: accuracy(c, d["test"].float(), d["test_y"], K)),
+    "label count": ("labels must be a 1-D tensor with one label per image",
+                    lambda c, d: accuracy(c, d["test"], d["test_y"][:-1], K)),
+    "levels above K-1": ("images must lie in 0..3", lambda c, d: accuracy(c, d["test"], d["test_y"], 4)),
+    "fid image shape": ("real_levels must have images of shape",
+                        lambda c, d: frechet_distance(c, d["test"][:, :, :7], d["test"], K)),
+    "fid single image": ("real_levels needs at least 2 images",
+                         lambda c, d: frechet_distance(c, d["test"][:1], d["test"], K)),
+    "is splits": ("splits must be an integer in 1..N", lambda c, d: inception_score(c, d["test"], K, splits=0)),
+    "is 3-d": ("levels must have shape", lambda c, d: inception_score(c, d["test"][0], K)),
+    "nn shapes": ("train_levels must have images of shape",
+                  lambda c, d: nearest_neighbour_distance(d["test"], d["train"][:, :, :4], K)),
+    "num_classes too small": ("num_classes must be an integer > max",
+                              lambda c, d: train_classifier(d["test"], d["test_y"], K, num_classes=5)),
+    "val labels missing": ("val_images and val_labels must be given together",
+                           lambda c, d: train_classifier(d["test"], d["test_y"], K, val_images=d["val"])),
+    "epochs": ("epochs must be a positive integer", lambda c, d: train_classifier(d["test"], d["test_y"], K, epochs=0)),
+    "alpha": ("alpha must be a positive number", lambda c, d: PixelCategorical.fit(d["test"], K, alpha=0.0)),
+    "K < 2": ("num_levels", lambda c, d: PixelCategorical.fit(d["test"], 1)),
+    "probs sum": ("probs must sum to 1", lambda c, d: PixelCategorical(torch.full((1, 2, 2, K), 0.5))),
+    "bits shape": ("levels must have images of shape",
+                   lambda c, d: PixelCategorical.fit(d["test"], K).log_prob_bits_per_dim(d["test"][:, :, :4])),
+    "sample n": ("n must be a positive integer",
+                 lambda c, d: PixelCategorical.fit(d["test"], K).sample(0, torch.Generator())),
+    "num_classes": ("num_classes must be an integer >= 2", lambda c, d: FeatureClassifier(1, 8, num_classes=1)),
 }
 
 
-@pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
-def test_bad_inputs_raise_value_error(call, classifier, digits):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("message", "call"), BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_inputs_raise_value_error_naming_the_argument(message, call, classifier, digits):
+    with pytest.raises(ValueError, match=re.escape(message)):
         call(classifier, digits)
 
 
@@ -215,19 +225,21 @@ def test_bad_inputs_raise_value_error(call, classifier, digits):
 def test_reported_val_likelihood_uses_noise_the_checkpoint_selection_never_saw(digits_shards):
     """With train.seed == evaluate.seed, the evaluate stage's val -ELBO still draws other z_t than the
     training loop's validation (which picks the best checkpoint), so it is not biased low by that choice."""
+    from ddgm.config import ModelConfig
     from ddgm.models import build_model
-    from ddgm.params import model_config, params_from_dict
     from ddgm.training.validation import split_elbo
     from pipeline.evaluate import likelihood_metrics
+    from pipeline.params import params_from_dict
 
     params = params_from_dict({
         "diffusion": {"num_steps": 10},
         "model": {"network": "mlp", "hidden_dim": 32, "depth": 1, "variance": "fixed_large"},
-        "train": {"shards": str(digits_shards), "seed": 0},
+        "data": {"out_dir": str(digits_shards)},
+        "train": {"seed": 0},
         "evaluate": {"batch_size": 350, "chunk": 10, "seed": 0},
     })
     torch.manual_seed(0)
-    model = build_model(model_config(params, (1, 8, 8), K)).eval()
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), K)).eval()
     with torch.no_grad():  # an output layer that is not all zeros, so the -ELBO depends on z_t
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.05)

@@ -30,23 +30,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from support import free_port, kill_group, subprocess_env
 
-from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.config import ModelConfig, ScheduleConfig
 from ddgm.models import build_model
-from ddgm.params import SampleParams
 from ddgm.quantization import unit_to_levels
 from ddgm.samplers import sample
 from ddgm.serialization import save_model
 from ddgm.training.mlflow_model import log_ddgm_model, parse_request
+from pipeline.params import SampleParams
 from pipeline.sample import draw_samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 REGISTERED = "ddgm-test"
-EPSILON = ModelConfig(schedule=ScheduleConfig("cosine", 20),
-                      network=NetworkConfig(base_channels=8, channel_mults=(1,), num_res_blocks=1, norm_groups=4),
-                      variance="learned_range")
-ARTICLE = ModelConfig(formulation="article", schedule=ScheduleConfig("cosine", 5),
-                      network=NetworkConfig(kind="mlp", hidden_dim=16, depth=1))
+EPSILON = ModelConfig(diffusion=ScheduleConfig("cosine", 20),
+                      network="unet", base_channels=8, channel_mults=(1,), num_res_blocks=1, norm_groups=4,
+                      dropout=0.0, variance="learned_range")
+ARTICLE = ModelConfig(formulation="article", diffusion=ScheduleConfig("cosine", 5),
+                      network="mlp", hidden_dim=16, depth=1, variance="fixed_large")
 
 
 def _saved(config: ModelConfig, path: Path):
@@ -166,7 +166,7 @@ def test_nothing_is_pickled(tracking, monkeypatch):
 
 
 def test_missing_model_files_are_named(tracking):
-    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
         log_ddgm_model(tracking.run_id, tracking.uri, tracking.work / "nothing")
 
 

@@ -130,10 +130,11 @@ def trained_run(tmp_path_factory, digits_shards):
 
     workdir = tmp_path_factory.mktemp("ui")
     server = MlflowServer(workdir).start()
-    values = {"diffusion": {"num_steps": 10}, "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
-              "train": {"batch_size": 16, "max_steps": 20, "warmup_steps": 2, "val_every": 10, "val_max_images": 100,
-                        "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 10, "log_every": 5,
-                        "shards": str(digits_shards), "model_dir": str(workdir / "models"),
+    values = {"data": {"out_dir": str(digits_shards)}, "diffusion": {"num_steps": 10},
+              "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
+              "train": {"batch_size": 16, "max_steps": 20, "warmup_steps": 2, "mixed_precision": None, "val_every": 10,
+                        "val_max_images": 100, "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 10,
+                        "log_every": 5, "model_dir": str(workdir / "models"),
                         "checkpoint_dir": str(workdir / "checkpoints"), "curve_file": str(workdir / "curve.tsv")},
               "tracking": {"uri": server.url, "experiment": "ui", "system_metrics": True}}
     (workdir / "p.yaml").write_text(yaml.safe_dump(values))

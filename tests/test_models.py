@@ -15,14 +15,14 @@ from safetensors import safe_open
 from sklearn.datasets import load_digits
 
 import ddgm.serialization as serialization
-from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.config import ModelConfig, ScheduleConfig
 from ddgm.likelihood import elbo_terms, nats_to_bits_per_dim
 from ddgm.models import ArticleDDGM, EpsilonDDGM, build_model
-from ddgm.objectives import compute_objective, full_elbo
 from ddgm.nets.unet import AttentionBlock
-from ddgm.params import load_params, model_config, params_from_dict
+from ddgm.objectives import compute_objective, full_elbo
 from ddgm.serialization import load_config, load_model, save_model
 from ddgm.timestep_sampler import UniformSampler, make_timestep_sampler
+from pipeline.params import load_params, params_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,9 +34,10 @@ def article_config(**overrides) -> ModelConfig:
         formulation="article",
         image_shape=(1, 8, 8),
         num_levels=17,
-        schedule=ScheduleConfig("constant", 5, {"beta": 0.9}),
-        network=NetworkConfig(kind="mlp", hidden_dim=64, depth=2),
+        diffusion=ScheduleConfig("constant", 5, beta=0.9),
+        network="mlp", hidden_dim=64, depth=2,
         decoder="continuous",
+        variance="fixed_large",
     )
     values.update(overrides)
     return ModelConfig(**values)
@@ -44,18 +45,18 @@ def article_config(**overrides) -> ModelConfig:
 
 def epsilon_config(kind: str = "mlp", variance: str = "fixed_large", num_steps: int = 100, **overrides) -> ModelConfig:
     network = (
-        NetworkConfig(kind="mlp", hidden_dim=128, depth=2)
+        dict(network="mlp", hidden_dim=128, depth=2)
         if kind == "mlp"
-        else NetworkConfig(kind="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                           attention_resolutions=(4,))
+        else dict(network="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                  dropout=0.0)
     )
     values = dict(
         formulation="epsilon",
         image_shape=(1, 8, 8),
         num_levels=17,
-        schedule=ScheduleConfig("linear", num_steps, {"beta_start": 1e-3, "beta_end": 0.2}),
-        network=network,
+        diffusion=ScheduleConfig("linear", num_steps, beta_start=1e-3, beta_end=0.2),
         variance=variance,
+        **network,
     )
     values.update(overrides)
     return ModelConfig(**values)
@@ -169,7 +170,9 @@ def test_ho_model_trains_with_random_t_and_its_bits_per_dim_drop(digits) -> None
 
 
 @pytest.mark.parametrize(
-    "config", [article_config(), epsilon_config(), epsilon_config("unet", "learned_range", 10)], ids=["article", "eps-mlp", "eps-unet"]
+    "config",
+    [article_config(), epsilon_config(), epsilon_config("unet", "learned_range", 10)],
+    ids=["article", "eps-mlp", "eps-unet"],
 )
 def test_wrong_input_shape_raises(config: ModelConfig) -> None:
     model = build_model(config)
@@ -216,9 +219,9 @@ def test_objective_names_and_requirements() -> None:
         ({"decoder": "bernoulli"}, "decoder"),
         ({"image_shape": (8, 8)}, "image_shape"),
         ({"image_shape": (1, 0, 8)}, "image_shape"),
-        ({"schedule": ScheduleConfig("sigmoid", 10)}, "schedule"),
-        ({"schedule": ScheduleConfig("linear", 0)}, "num_steps"),
-        ({"network": NetworkConfig(kind="transformer")}, "network.kind"),
+        ({"network": "transformer"}, "model.network"),
+        ({"dropout": 1.0}, "model.dropout"),
+        ({"channel_mults": ()}, "model.channel_mults"),
     ],
 )
 def test_bad_config_values_raise_naming_the_parameter(overrides: dict, name: str) -> None:
@@ -228,9 +231,9 @@ def test_bad_config_values_raise_naming_the_parameter(overrides: dict, name: str
 
 def test_continuous_decoder_with_learned_variance_is_refused_naming_both_keys() -> None:
     """-log N(x | mu, sigma^2) has no lower bound once sigma^2 is learned: refused up front."""
-    with pytest.raises(ValueError, match="decoder 'continuous'.*variance 'learned_range'"):
+    with pytest.raises(ValueError, match=r"model\.decoder 'continuous'.*model\.variance 'learned_range'"):
         epsilon_config(variance="learned_range", decoder="continuous")
-    with pytest.raises(ValueError, match="model.decoder 'continuous'.*model.variance 'learned_range'"):
+    with pytest.raises(ValueError, match=r"model\.decoder 'continuous'.*model\.variance 'learned_range'"):
         params_from_dict({"model": {"variance": "learned_range", "decoder": "continuous"}})
     for variance in ("fixed_large", "fixed_small"):  # a fixed variance bounds the density
         assert epsilon_config(variance=variance, decoder="continuous").decoder == "continuous"
@@ -254,58 +257,87 @@ def test_bad_unet_params_raise_naming_the_key(model: dict, match: str) -> None:
 def test_unet_params_reach_the_network() -> None:
     values = {"model": {"base_channels": 16, "channel_mults": [1, 2, 2], "attention_resolutions": [8, 4],
                         "norm_groups": 4, "variance": "fixed_small"}}
-    model = build_model(model_config(params_from_dict(values), (3, 16, 16), 256))
+    params = params_from_dict(values)
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (3, 16, 16), 256))
     unet = model.network
     assert unet.attention_resolutions == (8, 4) and unet.norm_out.num_groups == 4
-    assert model.config.network.attention_resolutions == (8, 4)
+    assert model.config.attention_resolutions == (8, 4)
 
 
 def test_the_default_params_model_keeps_its_size() -> None:
     """params.yaml's digits model: a 2-level U-Net without self-attention, learned variances, 634,562 parameters."""
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    model = build_model(model_config(params, (1, 8, 8), 17))
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17))
     assert sum(p.numel() for p in model.parameters()) == 634_562
     assert not any(isinstance(m, AttentionBlock) for m in model.modules())
 
 
-def test_a_model_file_from_before_attention_resolutions_still_loads(tmp_path: Path) -> None:
-    """Old model.json files hold ``attention: bool`` (self-attention at the lowest resolution)."""
+def old_layout(config: ModelConfig) -> dict:
+    """``config`` as model.json files held it before the model and diffusion sections became the config:
+    the schedule as {name, num_steps, params} and the network's settings under ``network`` with ``kind``."""
+    values = json.loads(json.dumps(config.to_dict()))
+    diffusion = values.pop("diffusion")
+    network = {name: values.pop(name) for name in ("hidden_dim", "depth", "base_channels", "channel_mults",
+                                                   "num_res_blocks", "attention_resolutions", "dropout", "norm_groups")}
+    values["network"] = {"kind": values.pop("network"), **network}
+    values["schedule"] = {"name": diffusion.pop("schedule"), "num_steps": diffusion.pop("num_steps"),
+                          "params": {k: v for k, v in diffusion.items() if v is not None}}
+    return values
+
+
+@pytest.mark.parametrize(
+    "config", [epsilon_config("unet", "learned_range", 10), article_config()], ids=["unet", "article"]
+)
+def test_a_model_file_of_the_old_layout_still_loads(tmp_path: Path, config: ModelConfig) -> None:
     torch.manual_seed(0)
-    model = perturb_zero_init(build_model(epsilon_config("unet", "learned_range", 10))).eval()
+    model = perturb_zero_init(build_model(config)).eval()
     save_model(model, tmp_path / "model")
-    values = json.loads((tmp_path / "model.json").read_text())
-    del values["network"]["attention_resolutions"], values["network"]["norm_groups"]
-    values["network"]["attention"] = True
-    (tmp_path / "model.json").write_text(json.dumps(values))
+    (tmp_path / "model.json").write_text(json.dumps(old_layout(config)))
     loaded = load_model(tmp_path / "model").eval()
-    assert loaded.config == model.config and loaded.config.network.attention_resolutions == (4,)
-    z, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 7])
+    assert loaded.config == model.config
+    z, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 4])
     with torch.no_grad():
         assert torch.equal(loaded.reverse_mean_logvar(z, t)[0], model.reverse_mean_logvar(z, t)[0])
+
+
+def test_an_old_layout_file_takes_the_old_defaults_for_keys_added_later() -> None:
+    """Files from before ``norm_groups``, ``dropout`` and ``attention_resolutions`` (``attention: bool``,
+    self-attention at the lowest resolution) were read with the old defaults: 8 groups, no dropout."""
+    config = epsilon_config("unet", "learned_range", 10)
+    values = old_layout(config)
+    for name in ("attention_resolutions", "norm_groups", "dropout", "num_res_blocks"):
+        del values["network"][name]
+    values["network"]["attention"] = True
+    loaded = ModelConfig.from_dict(values)
+    loaded_unet = (loaded.attention_resolutions, loaded.norm_groups, loaded.dropout, loaded.num_res_blocks)
+    assert loaded_unet == ((4,), 8, 0.0, 2)
     values["network"]["attention"] = False
-    assert ModelConfig.from_dict(values).network.attention_resolutions == ()
+    assert ModelConfig.from_dict(values).attention_resolutions == ()
     values["network"]["attention_resolutions"] = [4]
     with pytest.raises(ValueError, match="both 'attention'"):
         ModelConfig.from_dict(values)
+    with pytest.raises(ValueError, match="unknown keys \\['width'\\]"):
+        ModelConfig.from_dict(old_layout(config) | {"width": 3})
 
 
 def test_article_formulation_needs_mlps() -> None:
-    with pytest.raises(ValueError, match="network.kind"):
-        article_config(network=NetworkConfig(kind="unet"))
+    with pytest.raises(ValueError, match=r"model\.network must be 'mlp'"):
+        article_config(network="unet")
 
 
 def test_config_round_trips_through_json() -> None:
     config = epsilon_config("unet", "learned_range", 10)
     again = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again == config and isinstance(again.image_shape, tuple) and isinstance(again.network.channel_mults, tuple)
+    assert again == config and isinstance(again.image_shape, tuple) and isinstance(again.channel_mults, tuple)
 
 
 @pytest.mark.parametrize(
     ("mutate", "key"),
     [
         (lambda d: d.update(learning_rate=1e-3), "learning_rate"),
-        (lambda d: d["schedule"].update(beta_max=0.02), "beta_max"),
-        (lambda d: d["network"].update(width=64), "width"),
+        (lambda d: d["diffusion"].update(beta_max=0.02), "beta_max"),
+        (lambda d: d.update(width=64), "width"),
+        (lambda d: d.pop("dropout"), "missing keys \\['dropout'\\]"),
     ],
 )
 def test_config_from_dict_rejects_unknown_keys(mutate, key: str) -> None:
@@ -315,9 +347,22 @@ def test_config_from_dict_rejects_unknown_keys(mutate, key: str) -> None:
         ModelConfig.from_dict(values)
 
 
-def test_bad_schedule_params_fail_when_the_model_is_built() -> None:
-    with pytest.raises(ValueError, match="beta_max"):
-        build_model(epsilon_config(schedule=ScheduleConfig("linear", 10, {"beta_max": 0.2})))
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"schedule": "sigmoid"}, "diffusion.schedule must be one of"),
+        ({"schedule": "linear", "num_steps": 0}, "diffusion.num_steps"),
+        ({"schedule": "linear", "beta": 0.5}, "diffusion.beta is not used by schedule 'linear'"),
+        ({"schedule": "cosine", "beta_start": 0.1}, "diffusion.beta_start is not used by schedule 'cosine'"),
+        ({"schedule": "constant"}, "diffusion.beta must be set"),
+        ({"schedule": "constant", "beta": 1.5}, "diffusion.beta must lie in the open interval"),
+        ({"schedule": "linear", "beta_end": 0.0}, "diffusion.beta_end must lie in the open interval"),
+        ({"schedule": "cosine", "offset": -1.0}, "diffusion.offset"),
+    ],
+)
+def test_bad_schedule_params_fail_naming_the_key(values: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig(**values)
 
 
 # --- save / load ----------------------------------------------------------------------------
@@ -345,7 +390,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path, case: str)
     z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([1, 2, 3, 4, 5, 5])
     with torch.no_grad():
-        for a, b in zip(model.reverse_mean_logvar(z, t), loaded.reverse_mean_logvar(z, t)):
+        for a, b in zip(model.reverse_mean_logvar(z, t), loaded.reverse_mean_logvar(z, t), strict=True):
             assert torch.equal(a, b)
     assert load_config(tmp_path / "model.json") == model.config
 
@@ -382,20 +427,20 @@ def test_weights_that_do_not_match_the_config_raise(tmp_path: Path) -> None:
     original = json.loads(config_file.read_text())
 
     wider = json.loads(json.dumps(original))
-    wider["network"]["hidden_dim"] = 64
+    wider["hidden_dim"] = 64
     config_file.write_text(json.dumps(wider))
-    with pytest.raises(ValueError, match="do not match.*wrong shape \\['network"):
+    with pytest.raises(ValueError, match=r"do not match.*wrong shape \['network"):
         load_model(tmp_path / "model")
 
     learned = json.loads(json.dumps(original))
     learned["variance"] = "learned_range"  # doubles the output layer
     config_file.write_text(json.dumps(learned))
-    with pytest.raises(ValueError, match="wrong shape \\['network.output"):
+    with pytest.raises(ValueError, match=r"wrong shape \['network\.output"):
         load_model(tmp_path / "model")
 
     article = article_config(image_shape=(1, 8, 8)).to_dict()
     config_file.write_text(json.dumps(article))
-    with pytest.raises(ValueError, match="missing \\['decoder.*unexpected \\['network"):
+    with pytest.raises(ValueError, match=r"missing \['decoder.*unexpected \['network"):
         load_model(tmp_path / "model")
 
     config_file.write_text("{not json")
@@ -445,4 +490,5 @@ def test_save_creates_parent_directories_and_accepts_any_suffix(tmp_path: Path) 
         weights, config_path = save_model(model, tmp_path / given)
         assert weights == tmp_path / "a/b/model.safetensors" and config_path == tmp_path / "a/b/model.json"
     assert isinstance(load_model(tmp_path / "a/b/model.json"), ArticleDDGM)
-    assert np.isclose(sum(p.numel() for p in load_model(tmp_path / "a/b/model").parameters()), sum(p.numel() for p in model.parameters()))
+    reloaded = load_model(tmp_path / "a/b/model")
+    assert np.isclose(sum(p.numel() for p in reloaded.parameters()), sum(p.numel() for p in model.parameters()))

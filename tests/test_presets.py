@@ -1,31 +1,26 @@
-"""The real-size presets (presets/mnist-28.yaml, cifar10-32.yaml, 64x64.yaml): complete params files
+"""The real-size presets (presets/mnist-28.yaml, cifar10-32.yaml, 64x64.yaml): overrides of params.yaml
 for a folder of images, whose U-Nets have the stated (and, for CIFAR-10, the published) size, and
 which train one step on two images of a folder on CPU through the prepare stage's own code."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from ddgm.data import (
-    DataParams,
-    load_data_params,
-    load_split,
-    prepare_dataset,
-    read_manifest,
-)
+from ddgm.config import ModelConfig
+from ddgm.data import load_split, prepare_dataset, read_manifest
 from ddgm.models import build_model
-from ddgm.schedules import make_betas
 from ddgm.objectives import compute_objective
-from ddgm.params import load_params, model_config
 from ddgm.quantization import levels_to_unit
+from ddgm.schedules import make_betas
 from ddgm.timestep_sampler import make_timestep_sampler
+from pipeline.params import PipelineParams, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +37,18 @@ def preset_path(name: str) -> Path:
     return ROOT / "presets" / f"{name}.yaml"
 
 
+def preset_params(name: str) -> PipelineParams:
+    """params.yaml with the preset's keys set."""
+    return load_params(ROOT / "params.yaml", preset_path(name))
+
+
 def parameter_count(name: str, variance: str | None = None) -> int:
     """Parameters of the preset's model for its image shape (K = 256), optionally with another variance."""
-    params = load_params(preset_path(name))
+    params = preset_params(name)
     if variance is not None:
         params.model.variance = variance
     channels, side = PRESETS[name]
-    model = build_model(model_config(params, (channels, side, side), 256))
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (channels, side, side), 256))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -62,29 +62,24 @@ def write_images(folder: Path, count: int, size: tuple[int, int], seed: int) -> 
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_is_a_complete_params_file_for_a_folder(name: str, tmp_path: Path) -> None:
-    path = preset_path(name)
-    preset = yaml.safe_load(path.read_text())
-    default = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert {s: sorted(v) for s, v in preset.items()} == {s: sorted(v) for s, v in default.items()}
-    params = load_params(path)
+def test_preset_sets_up_a_folder_of_its_image_size(name: str, tmp_path: Path) -> None:
+    params = preset_params(name)
     channels, side = PRESETS[name]
-    data = preset["data"]
-    assert (data["source"], data["image_size"], data["channels"]) == ("folder", side, channels)
+    data = params.data
+    assert (data.source, data.image_size, data.channels) == ("folder", side, channels)
     # data.path names a folder the user fills (a DVC dependency of prepare); until it exists, prepare names it
-    assert load_data_params(path).path == "images"
+    assert data.path == "images"
     with pytest.raises(FileNotFoundError, match="images"):
-        prepare_dataset(DataParams.from_dict({**data, "path": str(tmp_path / "images"),
-                                              "out_dir": str(tmp_path / "shards")}))
+        prepare_dataset(replace(data, path=str(tmp_path / "images"), out_dir=str(tmp_path / "shards")))
     assert not (tmp_path / "shards").exists()
     assert (params.model.network, params.model.formulation, params.diffusion.num_steps) == ("unet", "epsilon", 1000)
 
 
 def test_cifar10_preset_is_ho_et_al_model_with_its_published_parameter_count() -> None:
-    params = load_params(preset_path("cifar10-32"))
+    params = preset_params("cifar10-32")
     m, d = params.model, params.diffusion
     assert (m.base_channels, m.channel_mults, m.num_res_blocks, m.attention_resolutions, m.dropout) == (
-        128, [1, 2, 2, 2], 2, [16], 0.1)
+        128, (1, 2, 2, 2), 2, (16,), 0.1)
     assert (d.schedule, d.num_steps, d.beta_start, d.beta_end, m.variance) == (
         "linear", 1000, None, None, "fixed_large")
     betas = make_betas(d.schedule, d.num_steps)  # the defaults at T = 1000: Ho et al.'s 1e-4 .. 0.02
@@ -111,21 +106,18 @@ def test_preset_trains_one_step_on_two_images_of_a_folder(name: str, tmp_path: P
     """Two 40x36 RGB PNGs -> prepare with the preset's data section (resized, centre-cropped, converted to
     its channels) -> the preset's model and objective -> one AdamW step on CPU: a finite loss, finite
     gradients, and the (zero-initialised) output layer moved."""
-    path = preset_path(name)
-    preset = yaml.safe_load(path.read_text())
+    params = preset_params(name)
     write_images(tmp_path / "images", 2, (40, 36), seed=0)
-    data = DataParams.from_dict({**preset["data"], "path": str(tmp_path / "images"),
-                                 "out_dir": str(tmp_path / "shards")})
-    prepare_dataset(data)
+    prepare_dataset(replace(params.data, path=str(tmp_path / "images"), out_dir=str(tmp_path / "shards")))
     manifest = read_manifest(tmp_path / "shards")
     channels, side = PRESETS[name]
     assert (tuple(manifest.image_shape), manifest.num_levels) == ((channels, side, side), 256)
     levels, _ = load_split(tmp_path / "shards", "train")
     assert levels.shape == (2, channels, side, side)
 
-    params = load_params(path)
     torch.manual_seed(0)
-    model = build_model(model_config(params, tuple(manifest.image_shape), manifest.num_levels)).train()
+    model = build_model(ModelConfig.build(params.model, params.diffusion, manifest.image_shape,
+                                          manifest.num_levels)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     sampler = make_timestep_sampler(params.train.timestep_sampler, model.num_steps)
     x = levels_to_unit(levels, manifest.num_levels)

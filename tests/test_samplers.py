@@ -3,6 +3,7 @@ the timestep subset and respaced diffusion, and argument validation."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import contextmanager
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+from ddgm.config import ModelConfig, ScheduleConfig
 from ddgm.models import build_model
 from ddgm.samplers import respaced_diffusion, sample, sample_ancestral, sample_ddim, timestep_subset
 
@@ -22,8 +23,8 @@ def _epsilon_model(schedule: ScheduleConfig, variance: str = "fixed_small", seed
     config = ModelConfig(
         formulation="epsilon",
         image_shape=(1, 2, 2),
-        schedule=schedule,
-        network=NetworkConfig(kind="mlp", hidden_dim=32, depth=2),
+        diffusion=schedule,
+        network="mlp", hidden_dim=32, depth=2,
         variance=variance,
     )
     model = build_model(config)
@@ -34,7 +35,7 @@ def _epsilon_model(schedule: ScheduleConfig, variance: str = "fixed_small", seed
     return model.eval()
 
 
-SHORT = ScheduleConfig("linear", 20, {"beta_start": 1e-3, "beta_end": 0.2})
+SHORT = ScheduleConfig("linear", 20, beta_start=1e-3, beta_end=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,10 @@ def article_model():
     config = ModelConfig(
         formulation="article",
         image_shape=(1, 2, 2),
-        schedule=ScheduleConfig("constant", 5, {"beta": 0.9}),
-        network=NetworkConfig(kind="mlp", hidden_dim=16, depth=1),
+        diffusion=ScheduleConfig("constant", 5, beta=0.9),
+        network="mlp", hidden_dim=16, depth=1,
         decoder="continuous",
+        variance="fixed_large",
     )
     return build_model(config).eval()
 
@@ -60,7 +62,8 @@ def count_calls(*modules: torch.nn.Module):
     """Yield a list with one forward-call counter per module (forward hooks, removed on exit)."""
     calls = [0] * len(modules)
     handles = [
-        module.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, module in enumerate(modules)
+        module.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, module in enumerate(modules)
     ]
     try:
         yield calls
@@ -74,7 +77,7 @@ def count_calls(*modules: torch.nn.Module):
 
 @pytest.mark.parametrize(
     "schedule",
-    [SHORT, ScheduleConfig("linear", 1000, {}), ScheduleConfig("cosine", 50, {})],
+    [SHORT, ScheduleConfig("linear", 1000), ScheduleConfig("cosine", 50)],
     ids=["linear20", "linear1000", "cosine50"],
 )
 @pytest.mark.parametrize("clip", [True, False])
@@ -89,7 +92,8 @@ def test_ddim_eta1_all_steps_equals_ancestral_for_the_same_seed(schedule: Schedu
     model = _epsilon_model(schedule)
     n = 200
     a = sample_ancestral(model, n, generator=torch.Generator().manual_seed(1), clip_denoised=clip).images
-    b = sample_ddim(model, n, schedule.num_steps, eta=1.0, generator=torch.Generator().manual_seed(1), clip_denoised=clip).images
+    generator = torch.Generator().manual_seed(1)
+    b = sample_ddim(model, n, schedule.num_steps, eta=1.0, generator=generator, clip_denoised=clip).images
     if clip:
         assert a.abs().max() <= 1 and torch.all((a - b).abs() <= 2e-5), (a - b).abs().max()
     else:
@@ -242,7 +246,7 @@ def test_respaced_diffusion_keeps_abar_on_the_subset(model) -> None:
     np.testing.assert_allclose(spaced.abar64, model.diffusion.abar64[[0, *steps]], rtol=1e-13)
     # beta'_i = 1 - abar_{s_i} / abar_{s_{i-1}}
     abar = model.diffusion.abar64
-    expected = [1 - abar[1]] + [1 - abar[b] / abar[a] for a, b in zip(steps[:-1], steps[1:])]
+    expected = [1 - abar[1]] + [1 - abar[b] / abar[a] for a, b in itertools.pairwise(steps)]
     np.testing.assert_allclose(spaced.beta[1:].double().numpy(), expected, rtol=1e-6)
 
 

@@ -96,7 +96,7 @@ def test_bad_num_steps_raise(name: str, num_steps) -> None:
 
 
 def test_unknown_schedule_name_raises() -> None:
-    with pytest.raises(ValueError, match="schedule.*'quadratic'"):
+    with pytest.raises(ValueError, match=r"schedule.*'quadratic'"):
         make_betas("quadratic", 10)
 
 

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from support import free_port, repo_pythonpath, subprocess_env
 
-from ddgm.params import ComputeParams, TrackingParams
+from ddgm.training.config import TrackingConfig
+from pipeline.params import ComputeParams
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -77,7 +78,7 @@ def test_run_from_a_temporary_workspace_lands_in_the_project_named_after_the_exp
     clean_env.setenv("DVC_ROOT", str(root))
     clean_env.setenv("DVC_EXP_NAME", "lr-0.01")
     clean_env.setenv("DVC_EXP_BASELINE_REV", "abc123")
-    tracker = open_tracker(TrackingParams(experiment="sweep"))
+    tracker = open_tracker(TrackingConfig(experiment="sweep"))
     tracker.log_metrics({"train/loss": 1.5}, 5)
     tracker.log_artifacts([workspace / "figure.png"], "figures")
     tracker.close()
@@ -96,7 +97,7 @@ def test_explicit_run_name_wins_over_the_experiment_name(project, clean_env):
 
     clean_env.chdir(project)
     clean_env.setenv("DVC_EXP_NAME", "exp-1")
-    tracker = open_tracker(TrackingParams(run_name="mine", experiment="named"))
+    tracker = open_tracker(TrackingConfig(run_name="mine", experiment="named"))
     tracker.close()
     run = _client(project / "mlflow.db").get_run(tracker.run_id)
     assert run.info.run_name == "mine" and run.data.tags["dvc.exp_name"] == "exp-1"
@@ -107,7 +108,7 @@ def test_experiment_reusing_another_runs_model_gets_its_own_run(project, tmp_pat
     the run.json of the run that trained it: its sample and evaluate stages log into a run of its own."""
     from pipeline.common import open_tracker, tracker_for_stage, write_run_file
 
-    tracking = TrackingParams(experiment="reuse")
+    tracking = TrackingConfig(experiment="reuse")
     clean_env.chdir(tmp_path)
     clean_env.setenv("DVC_ROOT", str(project))
     clean_env.setenv("DVC_EXP_NAME", "baseline-exp")
@@ -204,17 +205,18 @@ class Killed(BaseException):
 
 
 def test_kill_and_resume_leaves_one_point_per_step(tmp_path, project, monkeypatch, digits_shards, restore_signals):
-    from ddgm.training import loop
+    from ddgm.training import step as step_module
     from pipeline.train import main
 
     monkeypatch.chdir(tmp_path)
-    values = {"diffusion": {"num_steps": 10}, "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
-              "train": {"batch_size": 16, "max_steps": 30, "warmup_steps": 2, "val_every": 10, "val_max_images": 100,
-                        "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 10, "log_every": 5,
-                        "shards": str(digits_shards)},
+    values = {"data": {"out_dir": str(digits_shards)}, "diffusion": {"num_steps": 10},
+              "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
+              "train": {"batch_size": 16, "max_steps": 30, "warmup_steps": 2, "mixed_precision": None, "val_every": 10,
+                        "val_max_images": 100, "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 10,
+                        "log_every": 5},
               "tracking": {"uri": f"sqlite:///{project}/mlflow.db", "experiment": "kill"}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(values))
-    real, calls = loop.compute_objective, [0]
+    real, calls = step_module.compute_objective, [0]
 
     def dies_at_step_18(*args, **kwargs):  # after step 15 was logged, before the step-20 checkpoint
         calls[0] += 1
@@ -222,10 +224,10 @@ def test_kill_and_resume_leaves_one_point_per_step(tmp_path, project, monkeypatc
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "compute_objective", dies_at_step_18)
+    monkeypatch.setattr(step_module, "compute_objective", dies_at_step_18)
     with pytest.raises(Killed):
         main(["--params", "p.yaml"])
-    monkeypatch.setattr(loop, "compute_objective", real)
+    monkeypatch.setattr(step_module, "compute_objective", real)
     assert main(["--params", "p.yaml"]) == 0  # resumes at step 10 and replays 11..17
 
     client = _client(project / "mlflow.db")
@@ -274,7 +276,7 @@ def test_thread_count_is_a_share_of_the_cores(tmp_path, clean_env):
     clean_env.setenv("OMP_NUM_THREADS", "3")
     assert threads.thread_count(ComputeParams()) == (3, "OMP_NUM_THREADS")
     assert threads.thread_count(ComputeParams(threads=5)) == (5, "compute.threads")
-    with pytest.raises(ValueError, match="compute.threads must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"compute\.threads must be an integer >= 1, got 0"):
         threads.thread_count(ComputeParams(threads=0))
 
 
@@ -370,13 +372,9 @@ def test_unreachable_means_no_answer_not_a_rejected_request():
 
     from ddgm.training.tracking import is_unreachable
 
-    try:
-        try:
-            raise requests.ConnectionError("refused")
-        except requests.ConnectionError as cause:
-            raise MlflowException("API request failed") from cause
-    except MlflowException as error:
-        assert is_unreachable(error)
+    wrapped = MlflowException("API request failed")
+    wrapped.__cause__ = requests.ConnectionError("refused")
+    assert is_unreachable(wrapped)
     assert is_unreachable(MlflowException("API request to /x failed with error code 503 != 200"))
     assert not is_unreachable(MlflowException("INVALID_PARAMETER_VALUE: bad key"))
 
@@ -384,14 +382,16 @@ def test_unreachable_means_no_answer_not_a_rejected_request():
 def test_validation_grid_is_a_seeded_uint8_image(digits_shards):
     import numpy as np
 
+    from ddgm.config import ModelConfig
     from ddgm.models import build_model
-    from ddgm.params import model_config, params_from_dict
     from ddgm.training.progress import validation_grid
+    from pipeline.params import params_from_dict
 
     for formulation in ("epsilon", "article"):
         values = {"diffusion": {"schedule": "cosine", "num_steps": 5},
                   "model": {"formulation": formulation, "network": "mlp", "hidden_dim": 16, "depth": 1}}
-        model = build_model(model_config(params_from_dict(values), (1, 8, 8), 17)).train()
+        params = params_from_dict(values)
+        model = build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17)).train()
         grid = validation_grid(model, num_images=5, seed=3)
         assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
         assert grid.shape[0] < grid.shape[1] and grid.shape[1] >= 3 * 48  # 2 rows of 3 tiles, each >= 48 px

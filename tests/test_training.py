@@ -26,14 +26,19 @@ import yaml
 from safetensors.torch import load_file
 from support import free_port, kill_group, repo_pythonpath, subprocess_env
 
+from ddgm.config import ModelConfig
 from ddgm.data import manifest_hash
 from ddgm.objectives import ObjectiveOutput
-from ddgm.params import params_from_dict
 from ddgm.serialization import load_model
-from ddgm.training import loop
-from ddgm.training.loop import CURVE_COLUMNS, NonFiniteLoss, Preempted, StopSignal, read_curve, train
+from ddgm.training import fingerprint, validator
+from ddgm.training import step as step_module
+from ddgm.training.curve import CURVE_COLUMNS, read_curve
+from ddgm.training.loop import train
+from ddgm.training.signals import Preempted, StopSignal
+from ddgm.training.step import NonFiniteLoss
 from ddgm.training.tracking import Tracker
 from ddgm.training.validation import SplitELBO, split_elbo
+from pipeline.params import params_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,15 +49,16 @@ CHECKPOINT_FILES = {"training_state.json", "ema.safetensors", "model.safetensors
 
 def tiny(shards: Path, **train_values) -> dict:
     """Params of a tiny epsilon model (MLP, learned variance, importance-sampled random-t ELBO,
-    the default params.yaml objective) that trains in well under a second per 20 steps."""
+    the default params.yaml objective; float32) that trains in well under a second per 20 steps."""
     return {
+        "data": {"out_dir": str(shards)},
         "diffusion": {"schedule": "cosine", "num_steps": 10},
         "model": {"formulation": "epsilon", "network": "mlp", "hidden_dim": 32, "depth": 1,
                   "variance": "learned_range", "dropout": 0.0},
-        "train": {"objective": "random_t_elbo", "timestep_sampler": "importance", "batch_size": 16,
-                  "max_steps": 20, "warmup_steps": 2, "val_every": 10, "val_max_images": 100,
-                  "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 5, "log_every": 5,
-                  "keep_checkpoints": 5, "shards": str(shards)} | train_values,
+        "train": {"objective": "random_t_elbo", "timestep_sampler": "importance", "lr": 1e-3, "batch_size": 16,
+                  "max_steps": 20, "warmup_steps": 2, "mixed_precision": None, "val_every": 10,
+                  "val_max_images": 100, "val_batch_size": 100, "val_chunk": 10, "checkpoint_every": 5,
+                  "log_every": 5, "keep_checkpoints": 5} | train_values,
         "tracking": {"enabled": False},
     }
 
@@ -87,8 +93,9 @@ class Recorder(Tracker):
 
 
 def run(values: dict, recorder: Recorder | None = None, stop: StopSignal | None = None):
-    return train(params_from_dict(copy.deepcopy(values)), make_tracker=(lambda run_id: recorder) if recorder else None,
-                 stop=stop)
+    params = params_from_dict(copy.deepcopy(values))
+    return train(params.model, params.diffusion, params.train, params.data.out_dir,
+                 make_tracker=(lambda run_id: recorder) if recorder else None, stop=stop)
 
 
 def step_dirs(checkpoints: Path) -> list[str]:
@@ -98,8 +105,10 @@ def step_dirs(checkpoints: Path) -> list[str]:
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     assert a.keys() == b.keys(), what
     different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{what}: {different} differ (max |diff| "\
+    assert not different, (
+        f"{what}: {different} differ (max |diff| "
         f"{max((a[k].double() - b[k].double()).abs().max().item() for k in different):.3g})"
+    )
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -132,7 +141,7 @@ def test_short_run_writes_model_curve_and_checkpoints(tmp_path, monkeypatch, dig
     model = load_model(tmp_path / "models/model")
     assert (tmp_path / "models/model.json").is_file()
     config = model.config
-    assert (config.network.kind, config.schedule.num_steps, config.image_shape, config.num_levels) == \
+    assert (config.network, config.diffusion.num_steps, config.image_shape, config.num_levels) == \
         ("mlp", 10, (1, 8, 8), 17)
 
     curve_path = tmp_path / "plots/val_curve.tsv"
@@ -159,8 +168,9 @@ def test_short_run_writes_model_curve_and_checkpoints(tmp_path, monkeypatch, dig
     assert sorted(Path(p).name for p in recorder.artifacts) == ["model.json", "model.safetensors", "val_curve.tsv"]
 
 
-@pytest.mark.parametrize("keep, expected", [(1, ["step-00000020"]), (3, ["step-00000010", "step-00000015",
-                                                                        "step-00000020"])])
+@pytest.mark.parametrize(
+    ("keep", "expected"), [(1, ["step-00000020"]), (3, ["step-00000010", "step-00000015", "step-00000020"])]
+)
 def test_keep_checkpoints(tmp_path, monkeypatch, digits_shards, keep, expected):
     monkeypatch.chdir(tmp_path)
     run(tiny(digits_shards, max_steps=20, val_every=20, keep_checkpoints=keep))
@@ -195,10 +205,10 @@ def test_val_max_images_splits_over_ranks(digits_shards):
 
 def load_model_untrained():
     from ddgm.models import build_model
-    from ddgm.params import model_config
 
+    params = params_from_dict(tiny(Path("unused")))
     torch.manual_seed(0)
-    return build_model(model_config(params_from_dict(tiny(Path("unused"))), (1, 8, 8), 17))
+    return build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17))
 
 
 
@@ -246,7 +256,7 @@ def test_resume_picks_up_the_step_counter(tmp_path, monkeypatch, digits_shards, 
 def _objective_with_global_rng(stop: StopSignal | None = None, stop_at: int = 0):
     """The real objective plus a tiny term drawn from the global torch RNG (as dropout would
     draw), optionally raising the stop flag at call ``stop_at``."""
-    real = loop.compute_objective
+    real = step_module.compute_objective
     calls = [0]
 
     def objective(*args, **kwargs) -> ObjectiveOutput:
@@ -265,17 +275,17 @@ def test_stop_flag_checkpoints_and_resume_is_bit_exact(tmp_path, monkeypatch, di
     values = tiny(digits_shards, max_steps=20, grad_accum=2)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
-    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng())
+    monkeypatch.setattr(step_module, "compute_objective", _objective_with_global_rng())
     run(values)
 
     monkeypatch.chdir(tmp_path / "b")
     stop = StopSignal()
-    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng(stop, stop_at=14))
+    monkeypatch.setattr(step_module, "compute_objective", _objective_with_global_rng(stop, stop_at=14))
     with pytest.raises(Preempted, match="step 7"):
         run(values, stop=stop)
     assert step_dirs(tmp_path / "b/checkpoints") == ["step-00000005", "step-00000007"]
     assert not (tmp_path / "b/models").exists()
-    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng())
+    monkeypatch.setattr(step_module, "compute_objective", _objective_with_global_rng())
     capsys.readouterr()
     run(values)
     assert "at step 7" in capsys.readouterr().out
@@ -331,10 +341,10 @@ def test_fresh_start_does_not_inherit_the_old_runs_curve(tmp_path, monkeypatch, 
     assert [row["step"] for row in read_curve(tmp_path / "plots/val_curve.tsv")] == [10, 20]
     values = tiny(digits_shards, max_steps=20, val_every=20, lr=2e-3)
     stop = StopSignal()
-    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng(stop, stop_at=12))
+    monkeypatch.setattr(step_module, "compute_objective", _objective_with_global_rng(stop, stop_at=12))
     with pytest.raises(Preempted):
         run(values, stop=stop)
-    monkeypatch.setattr(loop, "compute_objective", _objective_with_global_rng())
+    monkeypatch.setattr(step_module, "compute_objective", _objective_with_global_rng())
     run(values)
     assert [row["step"] for row in read_curve(tmp_path / "plots/val_curve.tsv")] == [20]
 
@@ -360,7 +370,7 @@ def test_early_stop_stays_stopped_on_resume(tmp_path, monkeypatch, digits_shards
     def fake_split_elbo(model, *args, **kwargs):
         return SplitELBO(100, 0.0, next(totals), 0.0, torch.zeros(10), 64)
 
-    monkeypatch.setattr(loop, "split_elbo", fake_split_elbo)
+    monkeypatch.setattr(validator, "split_elbo", fake_split_elbo)
     values = tiny(digits_shards, max_steps=40, val_every=5, patience=1)
     result = run(values)
     assert (result.step, result.best_step, result.stopped_early) == (10, 5, True)
@@ -375,7 +385,8 @@ def test_early_stop_stays_stopped_on_resume(tmp_path, monkeypatch, digits_shards
 
 
 def _env() -> dict[str, str]:
-    """subprocess_env with the caller's PATH, the repository first on PYTHONPATH, no launcher/DDGM_*/tracking settings."""
+    """subprocess_env with the caller's PATH, the repository first on PYTHONPATH, no launcher, DDGM_* or
+    tracking settings."""
     return subprocess_env(unset=("ACCELERATE_USE_CPU", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR", "MLFLOW_TRACKING_URI"),
                           venv_on_path=False, PYTHONPATH=repo_pythonpath())
 
@@ -386,12 +397,9 @@ def _process_params(shards: Path) -> dict:
 
 
 def _train_process(workdir: Path) -> subprocess.Popen:
-    log = open(workdir / "train.log", "a")
-    try:
+    with open(workdir / "train.log", "a") as log:
         return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", "p.yaml"], cwd=workdir,
                                 env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    finally:
-        log.close()
 
 
 def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 120) -> None:
@@ -473,7 +481,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_resumes_bit_for_bit(tmp_path, 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, digits_shards):
     monkeypatch.chdir(tmp_path)
-    real, calls, digests = loop.compute_objective, [0], {}
+    real, calls, digests = step_module.compute_objective, [0], {}
     checkpoint = tmp_path / "checkpoints/step-00000005"
 
     def objective(*args, **kwargs):
@@ -484,7 +492,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
             return ObjectiveOutput(out.loss * float("nan"), out.t, out.terms)
         return out
 
-    monkeypatch.setattr(loop, "compute_objective", objective)
+    monkeypatch.setattr(step_module, "compute_objective", objective)
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 8"):
         run(tiny(digits_shards, max_steps=20))
     assert step_dirs(tmp_path / "checkpoints") == ["step-00000005"]
@@ -506,12 +514,12 @@ def _shards_without_shard_files(root: Path, shards: Path) -> Path:
 BAD_PARAMS = {
     "batch layout": ({"train": {"batch_size": 15, "grad_accum": 2}}, ValueError,
                      "train.batch_size=15 is not divisible by processes x grad_accum = 1 x 2"),
-    "no shards dir": ({"train": {"shards": "{other}/missing"}}, FileNotFoundError,
+    "no shards dir": ({"data": {"out_dir": "{other}/missing"}}, FileNotFoundError,
                       "manifest not found: {other}/missing/manifest.json"),
-    "manifest without shards": ({"train": {"shards": "{other}/bare"}}, FileNotFoundError,
+    "manifest without shards": ({"data": {"out_dir": "{other}/bare"}}, FileNotFoundError,
                                 "shard not found: {other}/bare/train-000000.tar"),
     "negative lr": ({"train": {"lr": -1e-3}}, ValueError, "train.lr must be > 0"),
-    "unknown key": ({"train": {"learning_rate": 1e-3}}, ValueError, "Key 'learning_rate' not in 'TrainParams'"),
+    "unknown key": ({"train": {"learning_rate": 1e-3}}, ValueError, "unknown params key train.learning_rate"),
     "objective": ({"train": {"objective": "elbo"}}, ValueError, "train.objective must be one of"),
     "network": ({"model": {"network": "resnet"}}, ValueError, "model.network must be one of"),
     "schedule": ({"diffusion": {"schedule": "quadratic"}}, ValueError, "diffusion.schedule must be one of"),
@@ -569,7 +577,7 @@ def test_mlflow_run_holds_params_metrics_tags_artifacts_and_resumes(tmp_path, mo
     assert found.info.status == "FINISHED"
     params = found.data.params
     assert params["train.lr"] == "0.001" and params["train.batch_size"] == "16"
-    assert params["model.network.kind"] == "mlp" and params["num_processes"] == "1"
+    assert params["model.network"] == "mlp" and params["num_processes"] == "1"
     tags = found.data.tags
     assert tags["data.manifest_sha256"] == manifest_hash(digits_shards) and tags["git.commit"]
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15, 20]
@@ -608,17 +616,16 @@ def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, m
 
 
 def test_fingerprint_covers_params_data_and_code(monkeypatch):
-    from ddgm.training import loop
-
     params = params_from_dict({"model": {"network": "mlp", "hidden_dim": 32, "depth": 1}})
-    config = loop.model_config(params, (1, 8, 8), 17)
-    base = loop.fingerprint(params, config, "data-a")
-    assert base == loop.fingerprint(params, config, "data-a")
-    assert base != loop.fingerprint(params, config, "data-b")  # new shards: start over
-    params.train.max_steps += 100  # more steps may continue the same run
-    assert base == loop.fingerprint(params, config, "data-a")
-    params.train.lr *= 2
-    assert base != loop.fingerprint(params, config, "data-a")
-    params.train.lr /= 2
-    monkeypatch.setattr(loop, "code_hash", lambda: "other code")
-    assert base != loop.fingerprint(params, config, "data-a")  # changed library code: start over
+    config, train_config = ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17), params.train
+    base = fingerprint.fingerprint(train_config, config, "data-a")
+    assert base == fingerprint.fingerprint(train_config, config, "data-a")
+    assert base != fingerprint.fingerprint(train_config, config, "data-b")  # new shards: start over
+    train_config.max_steps += 100  # more steps may continue the same run
+    train_config.checkpoint_dir = "elsewhere"  # so may checkpoints copied to another folder
+    assert base == fingerprint.fingerprint(train_config, config, "data-a")
+    train_config.lr *= 2
+    assert base != fingerprint.fingerprint(train_config, config, "data-a")
+    train_config.lr /= 2
+    monkeypatch.setattr(fingerprint, "code_hash", lambda: "other code")
+    assert base != fingerprint.fingerprint(train_config, config, "data-a")  # changed library code: start over

@@ -22,8 +22,8 @@ import yaml
 from safetensors.torch import load_file
 from support import free_port, kill_group, rank_reports, repo_pythonpath, subprocess_env
 
-from ddgm.params import params_from_dict
 from ddgm.training.loop import train
+from pipeline.params import params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = ROOT / "infra" / "accelerate"
@@ -35,25 +35,28 @@ RANK_TRAIN = textwrap.dedent(
     """
     import sys
     from safetensors.torch import save_file
+    import ddgm.training.launch as launch
     import ddgm.training.loop as loop
-    from ddgm.params import load_params
+    import ddgm.training.step as step
+    from pipeline.params import load_params
 
     accelerators, prepared, emas = [], [], []
 
-    class RecordingAccelerator(loop.Accelerator):
+    class RecordingAccelerator(launch.Accelerator):
         def prepare(self, *args, **kwargs):
             accelerators.append(self)
             out = super().prepare(*args, **kwargs)
             prepared.append(out)
             return out
 
-    class RecordingEMA(loop.EMA):
+    class RecordingEMA(step.EMA):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             emas.append(self)
 
-    loop.Accelerator, loop.EMA = RecordingAccelerator, RecordingEMA
-    result = loop.train(load_params(sys.argv[1]))
+    launch.Accelerator, step.EMA = RecordingAccelerator, RecordingEMA
+    params = load_params(sys.argv[1])
+    result = loop.train(params.model, params.diffusion, params.train, params.data.out_dir)
     acc, objective, ema = accelerators[0], prepared[0][0], emas[0]
     rank = acc.process_index
 
@@ -74,7 +77,7 @@ GRAD_STEP = textwrap.dedent(
     import torch
     from torch import nn
     from accelerate import Accelerator
-    from ddgm.config import ModelConfig, NetworkConfig, ScheduleConfig
+    from ddgm.config import ModelConfig, ScheduleConfig
     from ddgm.models import build_model
     from ddgm.quantization import levels_to_unit
 
@@ -100,9 +103,9 @@ GRAD_STEP = textwrap.dedent(
     rank, world = acc.process_index, acc.num_processes
     config = ModelConfig(
         formulation="epsilon", image_shape=(1, 8, 8), num_levels=17, variance="learned_range",
-        schedule=ScheduleConfig("cosine", 10),
-        network=NetworkConfig(kind="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                              attention_resolutions=(4,), dropout=0.0))
+        diffusion=ScheduleConfig("cosine", 10),
+        network="unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+        dropout=0.0)
     torch.manual_seed(0)
     model = build_model(config)
     start = copy.deepcopy(model.state_dict())
@@ -148,11 +151,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _params(shards: Path, **train_values) -> dict:
     return {
+        "data": {"out_dir": str(shards)},
         "diffusion": {"schedule": "cosine", "num_steps": 10},
         "model": {"network": "mlp", "hidden_dim": 32, "depth": 1, "variance": "learned_range"},
-        "train": {"timestep_sampler": "importance", "batch_size": 16, "max_steps": 20, "warmup_steps": 2,
-                  "val_every": 10, "val_max_images": 100, "val_batch_size": 50, "val_chunk": 10,
-                  "checkpoint_every": 10, "log_every": 5, "shards": str(shards)} | train_values,
+        "train": {"timestep_sampler": "importance", "lr": 1e-3, "batch_size": 16, "max_steps": 20,
+                  "warmup_steps": 2, "mixed_precision": None, "val_every": 10, "val_max_images": 100,
+                  "val_batch_size": 50, "val_chunk": 10, "checkpoint_every": 10, "log_every": 5} | train_values,
         "tracking": {"enabled": False},
     }
 
@@ -196,7 +200,8 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, digits_shards, monkeypa
     values = _params(digits_shards)
     monkeypatch.chdir(tmp_path)
     first = dict(values, train=values["train"] | {"max_steps": 10})
-    train(params_from_dict(first))
+    params = params_from_dict(first)
+    train(params.model, params.diffusion, params.train, params.data.out_dir)
     _setup(tmp_path, values)
     r = _launch(tmp_path, "--config_file", str(ACC / "cpu_2proc.yaml"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]

@@ -3,7 +3,7 @@
 from ddgm.data.errors import DataError
 from ddgm.data.loader import EvalLoader, TrainLoader, eval_batches, load_split
 from ddgm.data.manifest import Manifest, manifest_hash, read_manifest, shard_urls
-from ddgm.data.params import DataParams, load_data_params
+from ddgm.data.params import DataParams
 from ddgm.data.prepare import prepare_dataset
 from ddgm.data.verification import verify_once, verify_shards
 
@@ -14,7 +14,6 @@ __all__ = [
     "Manifest",
     "TrainLoader",
     "eval_batches",
-    "load_data_params",
     "load_split",
     "manifest_hash",
     "prepare_dataset",

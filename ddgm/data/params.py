@@ -1,13 +1,10 @@
-"""The ``data:`` section of params.yaml: defaults and validation."""
+"""The ``data:`` section of params.yaml: defaults and validation (the pipeline reads the file)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ddgm.data.digits import DIGITS_PATH
 from ddgm.data.errors import DataError
@@ -15,12 +12,12 @@ from ddgm.data.errors import DataError
 SOURCES = ("digits", "folder", "array")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataParams:
     """Validated data-preparation parameters (see params.yaml, section ``data``)."""
 
     source: str = "digits"
-    path: str | None = None
+    path: str | None = DIGITS_PATH
     image_size: int | None = None
     channels: int | None = None
     val_fraction: float = 0.1
@@ -33,18 +30,6 @@ class DataParams:
     def __post_init__(self) -> None:
         _validate(self)
 
-    @classmethod
-    def from_dict(cls, section: dict[str, Any] | None) -> DataParams:
-        """Build from a ``data:`` mapping; missing keys take their defaults, unknown keys are errors."""
-        section = {} if section is None else section
-        if not isinstance(section, dict):
-            raise DataError(f"params 'data' must be a mapping, found {type(section).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise DataError(f"unknown key(s) data.{', data.'.join(unknown)}; expected some of {sorted(known)}")
-        return cls(**section)
-
     def source_record(self) -> dict[str, Any]:
         """The parameters that determine the dataset content (stored in the manifest)."""
         record = dataclasses.asdict(self)
@@ -52,20 +37,6 @@ class DataParams:
         if self.source == "digits":
             record["path"] = None  # DIGITS_PATH only names what DVC tracks; the data is the same either way
         return record
-
-
-def load_data_params(params_file: str | Path) -> DataParams:
-    """Read the ``data:`` section of a YAML params file."""
-    path = Path(params_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"params file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataError(f"params file {path} is not valid YAML: {exc}") from exc
-    if doc is not None and not isinstance(doc, dict):
-        raise DataError(f"params file {path} must hold a mapping, found {type(doc).__name__}")
-    return DataParams.from_dict((doc or {}).get("data"))
 
 
 def _is_int(value: Any) -> bool:
@@ -86,8 +57,9 @@ def _validate(p: DataParams) -> None:
                 raise DataError(
                     f"data.{name} is not used by source 'digits'; found {getattr(p, name)!r}, expected null"
                 )
-    elif not isinstance(p.path, str) or not p.path:
-        raise DataError(f"data.path must name the input for source {p.source!r}, found {p.path!r}")
+    elif not isinstance(p.path, str) or not p.path or p.path == DIGITS_PATH:
+        raise DataError(f"data.path must name the input for source {p.source!r} (an image folder or .npz/.npy "
+                        f"file), found {p.path!r}")
     if p.source == "array":
         for name in ("image_size", "channels"):
             if getattr(p, name) is not None:

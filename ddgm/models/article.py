@@ -22,12 +22,12 @@ class ArticleDDGM(DDGM):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        dim, net = config.data_dim, config.network
+        dim = config.data_dim
         # levels[t - 2] parameterises p(z_{t-1} | z_t) for t = 2..T
         self.levels = nn.ModuleList(
-            MLP(dim, 2 * dim, hidden_dim=net.hidden_dim, depth=net.depth) for _ in range(self.num_steps - 1)
+            MLP(dim, 2 * dim, hidden_dim=config.hidden_dim, depth=config.depth) for _ in range(self.num_steps - 1)
         )
-        self.decoder = MLP(dim, dim, hidden_dim=net.hidden_dim, depth=net.depth)
+        self.decoder = MLP(dim, dim, hidden_dim=config.hidden_dim, depth=config.depth)
 
     def reverse_mean_logvar(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Route each row to its level's network; t = 1 rows go to the decoder (unit variance)."""

@@ -13,17 +13,15 @@ from torch import nn
 from ddgm.config import ModelConfig
 from ddgm.diffusion import GaussianDiffusion
 from ddgm.distributions import discretized_gaussian_log_likelihood, normal_kl, normal_log_density
-from ddgm.schedules import make_betas
 
 
 class DDGM(nn.Module):
-    """Base class: a hierarchical VAE whose posterior is the fixed diffusion of ``config.schedule``."""
+    """Base class: a hierarchical VAE whose posterior is the fixed diffusion of ``config.diffusion``."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        schedule = config.schedule
-        self.diffusion = GaussianDiffusion(make_betas(schedule.name, schedule.num_steps, **schedule.params))
+        self.diffusion = GaussianDiffusion(config.diffusion.betas())
 
     @property
     def num_steps(self) -> int:
@@ -40,7 +38,8 @@ class DDGM(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """ValueError unless x is [B, C, H, W] with the configured image shape."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
+            expected = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"expected images of shape [B, {expected}], got {list(x.shape)}")
 
     def reverse_mean_logvar(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log variance of p_theta(z_{t-1} | z_t) (of p_theta(x | z_1) where t = 1)."""
@@ -72,10 +71,11 @@ class DDGM(nn.Module):
         """L_{t-1} per example (nats): KL(q(z_{t-1}|z_t,x) || p_theta(z_{t-1}|z_t)) for t >= 2, L_0 for t = 1."""
         post_mean, post_log_var = self.diffusion.q_posterior(x, z_t, t)
         kl = normal_kl(post_mean, post_log_var, mean, log_var).flatten(1).sum(1)
-        first = t == 1
-        if not bool(first.any()):
+        rows = (t == 1).nonzero().squeeze(1)  # the decoder term only where it is used
+        if rows.numel() == 0:
             return kl
-        return torch.where(first, self.decoder_nll(x, mean, log_var, decoder), kl)
+        nll = self.decoder_nll(x[rows], mean[rows], log_var[rows], decoder)
+        return kl.index_put((rows,), nll.to(kl.dtype))
 
     def loss_terms(
         self, x: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, decoder: str | None = None

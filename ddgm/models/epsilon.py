@@ -28,21 +28,20 @@ class EpsilonDDGM(DDGM):
     def _build_network(config: ModelConfig) -> nn.Module:
         channels, side, _ = config.image_shape
         out_factor = 2 if config.variance == "learned_range" else 1
-        net = config.network
-        if net.kind == "mlp":
+        if config.network == "mlp":
             dim = config.data_dim
-            return MLP(dim, out_factor * dim, hidden_dim=net.hidden_dim, depth=net.depth,
-                       time_embed_dim=net.hidden_dim, zero_init_output=True)
-        return UNet(channels, out_factor * channels, side, base_channels=net.base_channels,
-                    channel_mults=net.channel_mults, num_res_blocks=net.num_res_blocks,
-                    attention_resolutions=net.attention_resolutions, dropout=net.dropout,
-                    norm_groups=net.norm_groups)
+            return MLP(dim, out_factor * dim, hidden_dim=config.hidden_dim, depth=config.depth,
+                       time_embed_dim=config.hidden_dim, zero_init_output=True)
+        return UNet(channels, out_factor * channels, side, base_channels=config.base_channels,
+                    channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks,
+                    attention_resolutions=config.attention_resolutions, dropout=config.dropout,
+                    norm_groups=config.norm_groups)
 
     def network_output(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """eps_theta(z_t, t), and the variance interpolation output v when learned (else None); v is not
         clamped (v in [-1, 1] spans log beta~_t .. log beta_t), hence no continuous decoder with it."""
         self.check_input(z_t)
-        if self.config.network.kind == "mlp":
+        if self.config.network == "mlp":
             out = self.network(z_t.flatten(1), t).view(z_t.shape[0], -1, *z_t.shape[2:])
         else:
             out = self.network(z_t, t)

@@ -18,22 +18,23 @@ import torch
 from torch import nn
 
 from ddgm.nets import MLP, UNet
-from ddgm.params import TrainParams
+from ddgm.training.config import TrainConfig
 
 
-def configure_backends(train: TrainParams, device: torch.device) -> None:
+def configure_backends(train: TrainConfig, device: torch.device) -> None:
     """TF32 for float32 matmuls and cuDNN convolutions on CUDA when ``allow_tf32`` (else full float32)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = train.allow_tf32
         torch.backends.cudnn.allow_tf32 = train.allow_tf32
 
 
-def make_optimizer(train: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW (its fused kernel when ``fused_optimizer``, on CUDA and CPU alike; else the multi-tensor
     foreach one) or Adamax (foreach: torch has no fused Adamax)."""
+    if train.optimizer == "adamw" and train.fused_optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                 **({"fused": True} if train.fused_optimizer else {"foreach": True}))
+        return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
     return torch.optim.Adamax(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
 
 
@@ -46,11 +47,8 @@ def compile_networks(model: nn.Module, mode: str) -> int:
     return len(networks)
 
 
-def batch_to_device(x: torch.Tensor, device: torch.device, train: TrainParams) -> torch.Tensor:
+def batch_to_device(x: torch.Tensor, device: torch.device, train: TrainConfig) -> torch.Tensor:
     """A batch on ``device`` in the training layout; on CUDA with ``pin_memory`` it is page-locked
     first and copied without blocking the host (the copy is ordered before the step on its stream)."""
-    if device.type == "cuda" and train.pin_memory:
-        x = x.pin_memory().to(device, non_blocking=True)
-    else:
-        x = x.to(device)
+    x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and train.pin_memory else x.to(device)
     return x.contiguous(memory_format=torch.channels_last) if train.channels_last and x.dim() == 4 else x

@@ -28,6 +28,7 @@ from ddgm.atomic import atomic_write
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema.safetensors"
+BEST_FILE = "best.safetensors"  # beside the step folders: the EMA weights of the best validation so far
 
 
 def completed_checkpoints(directory: str | Path) -> list[Path]:
@@ -35,7 +36,8 @@ def completed_checkpoints(directory: str | Path) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -107,3 +109,16 @@ def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 def generator_state_from_list(generator: torch.Generator, values: list[int]) -> None:
     generator.set_state(torch.tensor(values, dtype=torch.uint8))
+
+
+def save_best(directory: str | Path, weights: dict[str, torch.Tensor]) -> None:
+    """Main process: keep ``weights`` as ``<dir>/best.safetensors`` (atomically)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    atomic_write(Path(directory) / BEST_FILE, lambda tmp: save_file(tensors, tmp))
+
+
+def best_weights(directory: str | Path) -> dict[str, torch.Tensor] | None:
+    """The weights ``save_best`` kept, or None when no validation has run."""
+    path = Path(directory) / BEST_FILE
+    return load_file(str(path)) if path.is_file() else None

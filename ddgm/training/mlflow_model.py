@@ -89,18 +89,17 @@ def _coerce(name: str, value: Any, kind: DataType) -> Any:
         if kind == DataType.double:
             return float(value)
         if math.isfinite(value) and float(value).is_integer():
-            return int(value)
+            return int(float(value))
     raise _bad(f"input {name} must be a {kind.name}, got {value!r}")
 
 
 def parse_request(model_input: pd.DataFrame | Mapping[str, Any]) -> SamplingRequest:
     """The SamplingRequest of a one-row DataFrame or a dict (empty: every default); unknown columns are an error."""
     if isinstance(model_input, pd.DataFrame):
-        if model_input.shape == (0, 0):  # an empty request: every default
-            model_input = pd.DataFrame([{}])
-        if len(model_input) != 1:
-            raise _bad(f"the input must be one row (one request), got {len(model_input)} rows")
-        row = model_input.iloc[0].to_dict()
+        frame = pd.DataFrame([{}]) if model_input.shape == (0, 0) else model_input  # empty: every default
+        if len(frame) != 1:
+            raise _bad(f"the input must be one row (one request), got {len(frame)} rows")
+        row = {str(k): v for k, v in frame.iloc[0].to_dict().items()}
     elif isinstance(model_input, Mapping):
         row = dict(model_input)
     else:
@@ -143,7 +142,8 @@ class DDGMSampler(PythonModel):
         device = torch.device((context.model_config or {}).get("device", "cpu"))
         self.model = load_model(weights, device).eval()
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> np.ndarray:
         request = parse_request(model_input)
         try:
             levels = draw_levels(self.model, request)
@@ -163,7 +163,7 @@ def input_example(config: ModelConfig) -> pd.DataFrame:
     """A small, quick request: 2 samples, DDIM over a few levels (the article's model: ancestral, all levels)."""
     request = SamplingRequest(num_samples=2, sampler=default_sampler(config))
     if config.formulation == "epsilon":
-        request = replace(request, num_steps=min(EXAMPLE_STEPS, config.schedule.num_steps))
+        request = replace(request, num_steps=min(EXAMPLE_STEPS, config.diffusion.num_steps))
     row = {f.name: getattr(request, f.name) for f in fields(request) if getattr(request, f.name) is not None}
     return pd.DataFrame([row])
 
@@ -182,7 +182,7 @@ def tracking_at(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None: unset again
         if previous_env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
 

@@ -15,8 +15,9 @@
   nothing: metric points, params and tags are held in a bounded buffer (``PENDING_LIMIT`` metric
   points; when it is full the oldest points are dropped, and ``close`` says how many) and sent,
   in order, on a later call (retries back off from 2 s to 60 s) and at ``close``, which waits up to
-  ``CLOSE_WAIT_S`` for the server when the run finished (a killed or failed run tries once). An artifact, image, dataset or model logged during the outage is
-  skipped with a warning. With tracking ``required`` every failure raises ``TrackingError``.
+  ``CLOSE_WAIT_S`` for the server when the run finished (a killed or failed run tries once). An
+  artifact, image, dataset or model logged during the outage is skipped with a warning. With
+  tracking ``required`` every failure raises ``TrackingError``.
 - Any other tracking failure warns once and turns the tracker off (training goes on), unless
   tracking is ``required``.
 - The experiment is tagged as one of custom model training (``mlflow.experimentKind``), so MLflow 3's
@@ -28,16 +29,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # MLflow is imported where it is used: the no-op tracker needs none of it
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import MlflowClient
 
 DEFAULT_STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
@@ -181,15 +187,15 @@ class MlflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri = resolve_tracking_uri(uri)
         self.required = required
-        self._client = None
+        self._client: MlflowClient | None = None  # None: tracking is off (not started, or failed)
         self._last_step: dict[str, int] = {}
         self._pending_metrics: deque = deque()
         self._pending_params: dict[str, str] = {}
         self._pending_tags: dict[str, str] = {}
         self._dropped = 0
         self._retry_at, self._backoff, self._outage = 0.0, self.FLUSH_BACKOFF_S[0], False
-        self._monitor = None
-        self.run_id = None
+        self._monitor: SystemMetricsMonitor | None = None
+        self.run_id: str | None = None
         self._attempt(lambda: self._start(experiment, run_name, run_id, tags or {}, skip_logged_steps),
                       "the run", starting=True)
         if system_metrics and self._client is not None:
@@ -217,8 +223,20 @@ class MlflowTracker(Tracker):
     def _start_monitor(self, resumed: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+        self._monitor = SystemMetricsMonitor(self._run, resume_logging=resumed, tracking_uri=self.uri)
         self._monitor.start()
+
+    @property
+    def _store(self) -> MlflowClient:
+        """The client of the run; the calls that use it run only while tracking is on."""
+        assert self._client is not None, "tracking is off"
+        return self._client
+
+    @property
+    def _run(self) -> str:
+        """The run's id (set with the client)."""
+        assert self.run_id is not None, "no run"
+        return self.run_id
 
     def _attempt(self, call: Callable[[], Any], what: str, starting: bool = False) -> None:
         """Run a tracking call that is not held back when it fails (retried while the database is locked)."""
@@ -279,16 +297,19 @@ class MlflowTracker(Tracker):
         """log_batch calls within MLflow's limits; each drops what it sent from the queue."""
         from mlflow.entities import Param, RunTag
 
-        for held, entity in ((self._pending_params, Param), (self._pending_tags, RunTag)):
-            while held:
-                keys = list(held)[:BATCH_PARAMS_OR_TAGS]
-                items = [entity(k, held[k]) for k in keys]
-                self._client.log_batch(self.run_id, **{"params" if entity is Param else "tags": items})
-                for key in keys:
-                    del held[key]
+        while self._pending_params:
+            keys = list(self._pending_params)[:BATCH_PARAMS_OR_TAGS]
+            self._store.log_batch(self._run, params=[Param(k, self._pending_params[k]) for k in keys])
+            for key in keys:
+                del self._pending_params[key]
+        while self._pending_tags:
+            keys = list(self._pending_tags)[:BATCH_PARAMS_OR_TAGS]
+            self._store.log_batch(self._run, tags=[RunTag(k, self._pending_tags[k]) for k in keys])
+            for key in keys:
+                del self._pending_tags[key]
         while self._pending_metrics:
             batch = [self._pending_metrics[i] for i in range(min(BATCH_METRICS, len(self._pending_metrics)))]
-            self._client.log_batch(self.run_id, metrics=batch)
+            self._store.log_batch(self._run, metrics=batch)
             for _ in batch:
                 self._pending_metrics.popleft()
 
@@ -309,7 +330,10 @@ class MlflowTracker(Tracker):
 
     def log_artifacts(self, paths: Iterable[str | Path], folder: str | None = None) -> None:
         for path in paths:
-            self._attempt(lambda p=path: self._client.log_artifact(self.run_id, str(p), folder), f"artifact {path}")
+            self._attempt(functools.partial(self._log_artifact, path, folder), f"artifact {path}")
+
+    def _log_artifact(self, path: str | Path, folder: str | None) -> None:
+        self._store.log_artifact(self._run, str(path), folder)
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """A step-indexed image (``images/<key>+step+<step>+...`` artifacts and the run's
@@ -319,15 +343,15 @@ class MlflowTracker(Tracker):
 
             with Image.open(image) as opened:
                 image = opened.copy()
-        self._attempt(lambda: self._client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True),
+        self._attempt(lambda: self._store.log_image(self._run, image, key=key, step=int(step), synchronous=True),
                       f"image {key} of step {step}")
 
     def note(self, section: str, text: str) -> None:
         """The description is one Markdown line per section, ``**<section>**: <text>``."""
 
         def update() -> None:
-            current = self._client.get_run(self.run_id).data.tags.get(NOTE_TAG, "")
-            self._client.set_tag(self.run_id, NOTE_TAG, with_note_line(current, section, text))
+            current = self._store.get_run(self._run).data.tags.get(NOTE_TAG, "")
+            self._store.set_tag(self._run, NOTE_TAG, with_note_line(current, section, text))
 
         self._attempt(update, "the run description")
 
@@ -345,7 +369,7 @@ class MlflowTracker(Tracker):
             warnings.warn(f"MLflow tracking at {self.uri}: {lost} metric points were not logged (the server did "
                           f"not answer at the end of the run, or more than {PENDING_LIMIT} were held)",
                           RuntimeWarning, stacklevel=2)
-        self._attempt(lambda: self._client.set_terminated(self.run_id, status=status), "the run's end")
+        self._attempt(lambda: self._store.set_terminated(self._run, status=status), "the run's end")
 
     def log_dataset(self, name: str, digest: str, source: str, source_type: str, profile: dict[str, Any],
                     context: str = "training") -> None:
@@ -358,18 +382,18 @@ class MlflowTracker(Tracker):
         dataset = Dataset(name=name, digest=digest[:36], source_type=source_type,
                           source=json.dumps({"uri": source}), profile=json.dumps(profile, sort_keys=True))
         item = DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", context)])
-        self._attempt(lambda: self._client.log_inputs(self.run_id, datasets=[item]), f"dataset {name}")
+        self._attempt(lambda: self._store.log_inputs(self._run, datasets=[item]), f"dataset {name}")
 
     def log_model(self, model_path: str | Path, register_as: str | None = None) -> None:
         """The models-from-code pyfunc of ddgm.training.mlflow_model (no pickle), loadable as
         ``runs:/<run_id>/sampler`` (the run's ``model/`` artifacts hold the plain safetensors files)."""
         from ddgm.training.mlflow_model import log_ddgm_model
 
-        self._attempt(lambda: log_ddgm_model(self.run_id, self.uri, model_path, register_as, name="sampler"),
+        self._attempt(lambda: log_ddgm_model(self._run, self.uri, model_path, register_as, name="sampler"),
                       f"model {model_path}")
 
 
-def _training_experiment(client, name: str, database: Path | None) -> str:
+def _training_experiment(client: MlflowClient, name: str, database: Path | None) -> str:
     """The id of experiment ``name`` (created when missing, its artifacts beside an embedded store),
     tagged as custom model training unless it already has a kind."""
     found = client.get_experiment_by_name(name)
@@ -394,7 +418,7 @@ def with_note_line(note: str, section: str, text: str) -> str:
     return "  \n".join(lines)
 
 
-def last_logged_steps(client, run_id: str) -> dict[str, int]:
+def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     """{metric: the highest step run ``run_id`` holds for it}."""
     keys = client.get_run(run_id).data.metrics
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
@@ -441,7 +465,7 @@ def find_run(uri: str | None, experiment: str, tags: dict[str, str]) -> str | No
     return next((r.info.run_id for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())), None)
 
 
-def _store_lock(database: Path | None):
+def _store_lock(database: Path | None) -> AbstractContextManager[object]:
     """An inter-process lock beside an embedded database (nothing for a server or other store)."""
     if database is None:
         return nullcontext()
