@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,28 @@ def digits_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "shards"
     prepare_dataset(DataParams(out_dir=str(out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """store(path) -> its sqlite URI: an empty MLflow store at ``path``, copied from one made once per session.
+    Making a store's tables takes seconds (MLflow's schema migrations); a stage or client that finds them made
+    only checks their version. (Making a new store, also by parallel writers, is tested in test_tracking.py.)"""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(template.parent)  # the Default experiment's artifacts: there, not under the caller's folder
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+
+    def store(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+
+    return store
 
 
 @pytest.fixture

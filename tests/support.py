@@ -7,20 +7,25 @@ no __init__.py) first on sys.path before it imports conftest.py and the test mod
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
+import functools
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+PYTHON_BIN = Path(sys.executable).parent  # this interpreter's folder: in a venv or conda env, also its tools
 
 # DVC without analytics and a fixed git identity, for subprocesses that run dvc or commit to a throw-away repo.
 DVC_GIT_ENV = {
@@ -47,10 +52,8 @@ def sha256_file(path: Path) -> str:
 def kill_group(proc: subprocess.Popen) -> None:
     """Test cleanup: SIGKILL the group of a still-running ``proc`` (start_new_session=True) and reap it."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
 
@@ -77,8 +80,10 @@ TINY = {
 
 
 def copy_repo(dest: Path) -> None:
-    """The tracked files of this repository, as they are in the working tree, copied under ``dest``."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    """The files git would commit (tracked, or new and not ignored), as they are in the working tree, copied
+    under ``dest``."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
         source = ROOT / name
         if source.is_file():  # tracked but deleted in the working tree: leave it out
@@ -92,12 +97,31 @@ def repo_pythonpath() -> str:
     return f"{ROOT}{os.pathsep}{current}" if current else str(ROOT)
 
 
+# Commands that scripts and tools run by name, and the module each runs as (None: the interpreter itself).
+TOOLS = {"python": None, "python3": None, "dvc": "dvc", "mlflow": "mlflow",
+         "accelerate": "accelerate.commands.accelerate_cli"}
+
+
+@functools.cache
+def tool_dir() -> Path:
+    """A folder (removed at exit) of stand-ins for ``python``, ``dvc``, ``mlflow`` and ``accelerate`` that run them
+    with the interpreter running the tests, so that shell scripts, DVC stages and launchers calling them by name
+    use this Python environment, wherever it is (a venv anywhere, conda, a module, a user install)."""
+    folder = Path(tempfile.mkdtemp(prefix="ddgm-tools-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for name, module in TOOLS.items():
+        command = shlex.quote(sys.executable) + (f" -m {module}" if module else "")
+        (folder / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        (folder / name).chmod(0o755)
+    return folder
+
+
 def subprocess_env(*, unset: Iterable[str] = (), venv_on_path: bool = True, **overrides: str | None) -> dict[str, str]:
-    """os.environ for a CPU-only subprocess: venv first on PATH, ``unset`` removed, no GPU, one OMP thread, then
-    ``overrides`` (None removes a variable)."""
+    """os.environ for a CPU-only subprocess: this environment's tools first on PATH (tool_dir(), then the
+    interpreter's folder), ``unset`` removed, no GPU, one OMP thread, then ``overrides`` (None removes a variable)."""
     env = dict(os.environ)
     if venv_on_path:
-        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["PATH"] = os.pathsep.join([str(tool_dir()), str(PYTHON_BIN), env.get("PATH", "")])
     for name in unset:
         env.pop(name, None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes, also on GPU machines

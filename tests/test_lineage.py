@@ -153,8 +153,8 @@ def test_dvc_tracks_an_outside_image_folder_through_prepare(tmp_path):
         assert ran and manifest.read_bytes() != before
         hashes.append(read_manifest(manifest).raw_inputs.sha256)
         assert len(set(hashes)) == len(hashes)
-        status, ran = _prepare_state(project)
-        assert not ran and "changed" not in status, status
+    status, ran = _prepare_state(project)
+    assert not ran and "changed" not in status, status  # each repro recorded its folder
     assert read_manifest(manifest).raw_inputs.files_read == 8
 
 

@@ -28,8 +28,8 @@ def _logged_inputs(uri: str, run_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_runs_on_different_data_log_different_dataset_inputs(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_runs_on_different_data_log_different_dataset_inputs(tmp_path, mlflow_store):
+    uri = mlflow_store(tmp_path / "mlflow.db")
     images = _folder(tmp_path / "images", [0, 50, 100, 150, 200])
     logged = []
     for version in ("v1", "v2"):

@@ -3,7 +3,9 @@
 Every test runs on tiny params (T=10, a one-layer MLP, 20 training steps) on the CPU:
 - `dvc repro` in a throw-away git copy of this repository writes every output, the metrics
   are finite, `dvc status` is clean, a second `dvc repro` runs nothing, `dvc metrics/plots
-  show` work, and every stage dvc.yaml lists depends on the code it runs;
+  show` work;
+- dvc.yaml: every stage depends on all the code it can import (each code dep holding some of it),
+  every data path is one params.yaml key, and moving them all in params.yaml moves the whole pipeline;
 - the stages of one repro log into ONE MLflow run (git commit and data manifest tags, train
   metrics, figures, eval metrics), which a user finds through `mlflow server`'s REST API;
 - both presets load and run end to end, side by side in one MLflow experiment;
@@ -14,11 +16,14 @@ Every test runs on tiny params (T=10, a one-layer MLP, 20 training steps) on the
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,10 +101,8 @@ def _stop_group(proc: subprocess.Popen) -> None:
                 break
             except subprocess.TimeoutExpired:
                 continue
-    try:  # the group may outlive its leader (uvicorn workers)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group may outlive its leader (uvicorn)
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # --------------------------------------------------------------------------- dvc repro
@@ -113,8 +116,9 @@ class Repro:
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory) -> Repro:
-    """A copy of the repository with tiny params (committed), after one `dvc repro`."""
+def repro(tmp_path_factory, mlflow_store) -> Repro:
+    """A copy of the repository with tiny params (committed), after one `dvc repro` (logging to the project's
+    default store, mlflow.db)."""
     repo = tmp_path_factory.mktemp("repro") / "repo"
     copy_repo(repo)
     # the committed lock file and results describe the default params, not these
@@ -124,6 +128,7 @@ def repro(tmp_path_factory) -> Repro:
     (repo / "params.yaml").write_text(yaml.safe_dump(scaled(params, TINY), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     commit = git_commit_all(repo, "tiny params")
+    mlflow_store(repo / "mlflow.db")  # ignored by git
     # as a user runs it: Python writes bytecode into the code directories the stages depend on
     r = _run(["dvc", "repro"], repo, timeout=600, PYTHONDONTWRITEBYTECODE=None)
     return Repro(repo, commit, r.stdout + r.stderr)
@@ -144,7 +149,7 @@ def test_dvc_repro_writes_every_output(repro):
     assert checkpoints == ["step-00000010", "step-00000020"]  # checkpoint_every=10, keep_checkpoints=2
 
     model = load_model(repo / "models" / "model")
-    assert model.num_steps == 10 and model.config.network.kind == "mlp"
+    assert model.num_steps == 10 and model.config.network == "mlp"
     samples = load_file(str(repo / "samples" / "samples.safetensors"))["images"]
     assert tuple(samples.shape) == (50, *model.config.image_shape)
     assert int(samples.min()) >= 0 and int(samples.max()) < model.num_levels
@@ -221,34 +226,154 @@ def test_dvc_metrics_and_plots_show(repro, tmp_path):
     assert (html / "index.html").is_file()
 
 
-@pytest.mark.slow
+CODE = ("ddgm", "pipeline")  # this repository's packages: the code dependencies of the stages
+TEMPLATE = re.compile(r"\$\{([\w.]+)\}")
+
+
+def module_file(name: str, root: Path = ROOT, packages: tuple[str, ...] = CODE) -> Path | None:
+    """The source file of module ``name`` when it belongs to one of ``packages`` under ``root``."""
+    if name.split(".")[0] not in packages:
+        return None
+    base = root.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def import_closure(module: str, root: Path = ROOT, packages: tuple[str, ...] = CODE) -> set[str]:
+    """Every file of this repository that ``module`` can import, found statically: each import statement, also
+    those inside functions (imported when called), followed transitively, with the __init__.py of each package
+    on the way. Relative to ``root``, POSIX."""
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = module_file(name, root, packages)
+        if path is None or name in found:
+            continue
+        found[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                parent = package[: len(package) - node.level + 1] if node.level else []  # from . / from ..
+                base = ".".join([*parent, node.module or ""]).strip(".")
+                todo += [base] + [f"{base}.{alias.name}" for alias in node.names]  # a submodule, or a name in base
+    return {path.relative_to(root).as_posix() for path in found.values()}
+
+
+def trivial(path: Path) -> bool:
+    """An __init__.py with nothing but a docstring: importing it changes nothing."""
+    body = ast.parse(path.read_text()).body
+    return path.name == "__init__.py" and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                               for n in body)
+
+
+def _stage_paths(spec: dict, *fields: str) -> list[str]:
+    return [next(iter(d)) if isinstance(d, dict) else d for f in fields for d in spec.get(f, [])]
+
+
+def test_import_closure_follows_every_kind_of_import(tmp_path):
+    """Absolute, relative and from-imports, at top level and inside functions (run only when called), through
+    the packages' __init__.py; other packages and modules nobody imports stay out."""
+    files = {
+        "app/__init__.py": "",
+        "app/main.py": "import os\nfrom app import helpers\n\ndef run():\n    from app.sub import late\n",
+        "app/helpers.py": "from . import util as u\nfrom .sub.deep import VALUE\n",
+        "app/util.py": "import numpy\n",
+        "app/sub/__init__.py": "",
+        "app/sub/late.py": "from ..util import *\n",
+        "app/sub/deep.py": "VALUE = 1\n",
+        "app/unused.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert import_closure("app.main", tmp_path, ("app",)) == set(files) - {"app/unused.py"}
+    assert import_closure("app.sub.deep", tmp_path, ("app",)) == {"app/__init__.py", "app/sub/__init__.py",
+                                                                   "app/sub/deep.py"}
+
+
 def test_dvc_stages_depend_on_the_code_they_run():
-    """Every module of this repository that a stage imports is listed in that stage's deps, so
-    DVC reruns the stage when that code changes. (An upstream stage's deps are not enough: a
-    loader change reruns prepare, but its shards come out the same and train would be skipped.)"""
+    """Every module of this repository that a stage can import is inside one of that stage's deps, so DVC
+    reruns the stage when that code changes (an upstream stage's deps are not enough: a loader change reruns
+    prepare, but its shards come out the same and train would be skipped); and every code dep holds a module
+    the stage imports (no stage depends on code it never runs)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-    def trivial(path: Path) -> bool:  # an __init__.py with nothing but a docstring
-        body = ast.parse(path.read_text()).body
-        return path.name == "__init__.py" and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
-                                                   for n in body)
-
-    probe = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
-             "print(json.dumps(sorted(getattr(m, '__file__', None) or '' for m in list(sys.modules.values()))))")
     problems = {}
     for stage, spec in stages.items():
         words = spec["cmd"].split()
-        module = words[words.index("-m") + 1]
-        files = {Path(f).resolve() for f in json.loads(_run([sys.executable, "-c", probe, module], ROOT).stdout) if f}
-        mine = sorted(f.relative_to(ROOT).as_posix() for f in files
-                      if f.is_relative_to(ROOT) and f.relative_to(ROOT).parts[0] in ("ddgm", "pipeline"))
-        assert f"pipeline/{stage}.py" in mine
-        deps = [next(iter(d)) if isinstance(d, dict) else d for d in spec["deps"]]
-        missing = [f for f in mine if not trivial(ROOT / f)
-                   and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
-        if missing:
-            problems[stage] = missing
-    assert not problems, f"modules the stages run but do not depend on: {problems}"
+        closure = import_closure(words[words.index("-m") + 1])
+        assert f"pipeline/{stage}.py" in closure
+        code = [d.rstrip("/") for d in _stage_paths(spec, "deps") if d.split("/")[0] in CODE]
+        missing = sorted(f for f in closure if not trivial(ROOT / f)
+                         and not any(f == d or f.startswith(d + "/") for d in code))
+        unused = sorted(d for d in code if not any(f == d or f.startswith(d + "/") for f in closure))
+        if missing or unused:
+            problems[stage] = {"missing": missing, "never imported": unused}
+    assert not problems, f"dvc.yaml's code deps vs the modules each stage can import: {problems}"
+
+
+def test_dvc_yaml_paths_are_params_one_key_each():
+    """Every data path in dvc.yaml (outs, metrics, plots and the deps that are not code) is one params.yaml key
+    written as ``${key}``, and no other key of params.yaml names the same file or folder."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    keys = set()
+    for stage, spec in stages.items():
+        for path in _stage_paths(spec, "deps", "outs", "metrics", "plots"):
+            if path.split("/")[0] in CODE and not TEMPLATE.search(path):
+                continue
+            match = TEMPLATE.fullmatch(path)
+            assert match, f"{stage}: {path!r} is not a params key (write it as ${{section.key}})"
+            keys.add(match.group(1))
+
+    def value(key: str):
+        section, name = key.split(".")
+        assert name in params.get(section, {}), f"dvc.yaml uses ${{{key}}}, which params.yaml does not have"
+        return params[section][name]
+
+    paths = {key: Path(value(key)).as_posix() for key in keys}
+    assert len(set(paths.values())) == len(paths), f"two keys for one path: {paths}"
+    others = {f"{s}.{k}": Path(v).as_posix() for s, entries in params.items() if isinstance(entries, dict)
+              for k, v in entries.items() if isinstance(v, str) and f"{s}.{k}" not in keys}
+    doubles = {key: path for key, path in others.items() if path in paths.values()}
+    assert not doubles, f"params.yaml keys naming a path that another key gives dvc.yaml: {doubles}"
+
+
+def test_moving_every_path_in_params_moves_the_pipeline(tmp_path):
+    """DVC's own reading of dvc.yaml with every path key of params.yaml set to a new place: every output is at
+    its new place, and each stage reads the new places of the outputs upstream (a path written twice, or
+    fixed in dvc.yaml, would stay behind)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    keys = {m for spec in stages.values() for p in _stage_paths(spec, "deps", "outs", "metrics", "plots")
+            for m in TEMPLATE.findall(p)}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    moved = {key: f"moved/{key.replace('.', '_')}" for key in keys}
+    for key, path in moved.items():
+        section, name = key.split(".")
+        params[section][name] = path
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    probe = ("import json, sys; from dvc.repo import Repo; repo = Repo.init(sys.argv[1], no_scm=True); "
+             "print(json.dumps({s.name: {'outs': sorted(o.def_path for o in s.outs), "
+             "'deps': sorted(d.def_path for d in s.deps)} for s in repo.index.stages}))")
+    resolved = json.loads(_run([sys.executable, "-c", probe, str(tmp_path)], tmp_path).stdout.splitlines()[-1])
+    assert sorted(resolved) == sorted(stages)
+    outs = {path: stage for stage, spec in resolved.items() for path in spec["outs"]}
+    assert set(outs) <= set(moved.values()), f"outputs that did not move: {set(outs) - set(moved.values())}"
+    for stage, spec in resolved.items():
+        data = [d for d in spec["deps"] if d.split("/")[0] not in CODE and d != "params.yaml"]
+        upstream = {d: outs.get(d) for d in data}
+        stray = [d for d, producer in upstream.items() if producer is None and d != moved["data.path"]]
+        assert not stray, f"{stage} reads {stray}, which no stage writes"
+        assert all(producer != stage for producer in upstream.values())
+    assert {s: sorted({outs[d] for d in spec["deps"] if d in outs}) for s, spec in resolved.items()} == {
+        "prepare": [], "train": ["prepare"], "sample": ["prepare", "train"], "evaluate": ["prepare", "sample", "train"]}
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -279,6 +404,11 @@ def test_one_mlflow_run_for_all_stages(repro):
         assert key in metrics, sorted(metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10, 15, 20]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/total_bpd")] == [10, 20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/seconds")] == [10, 20]
+    validation_seconds = sum(m.value for m in client.get_metric_history(run.info.run_id, "val/seconds"))
+    assert metrics["time/validation_seconds"] == pytest.approx(validation_seconds)
+    assert 0 < metrics["time/validation_share"] < 1
+    assert metrics["time/validation_share"] == pytest.approx(validation_seconds / metrics["time/loop_seconds"])
     evaluated = json.loads((repo / "metrics.json").read_text())
     assert {k: metrics[f"eval/{k}"] for k in evaluated} == pytest.approx(evaluated)
 
@@ -378,7 +508,7 @@ def test_mlflow_server_rest_api_finds_the_run(repro, mlflow_server):
     run_id = run["info"]["run_id"]
     assert json.loads((repo / "models" / "run.json").read_text())["run_id"] == run_id
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["model.schedule.num_steps"] == "10" and params["train.batch_size"] == "32"
+    assert params["model.diffusion.num_steps"] == "10" and params["train.batch_size"] == "32"
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["data.manifest_sha256"] == sha256_file(repo / "data" / "shards" / "manifest.json")
 
@@ -412,16 +542,10 @@ PRESETS = ("article", "ho")
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_loads_and_has_every_params_key(name):
-    from ddgm.data.params import load_data_params
-    from ddgm.params import load_params
+def test_preset_sets_its_formulation(name):
+    from pipeline.params import load_params
 
-    path = ROOT / "presets" / f"{name}.yaml"
-    params = load_params(path)
-    load_data_params(path)
-    preset = yaml.safe_load(path.read_text())
-    default = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert {s: sorted(v) for s, v in preset.items()} == {s: sorted(v) for s, v in default.items()}
+    params = load_params(ROOT / "params.yaml", ROOT / "presets" / f"{name}.yaml")
     if name == "article":
         assert (params.model.formulation, params.model.decoder, params.sample.sampler) == (
             "article", "continuous", "ancestral")
@@ -431,23 +555,23 @@ def test_preset_loads_and_has_every_params_key(name):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """Shards of the default data section (digits), prepared once for this module."""
-    work = tmp_path_factory.mktemp("prepared")
-    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    _run([sys.executable, "-m", "pipeline.prepare", "--params", "params.yaml"], work, timeout=300)
-    assert (work / "data" / "shards" / "manifest.json").is_file()
-    return work / "data" / "shards"
+def prepared(digits_shards) -> Path:
+    """Shards of the default data section (digits), as the prepare stage writes them (the session's)."""
+    return digits_shards
 
 
 def preset_tiny(name: str, shards: Path, tracking_uri: str) -> dict:
     """The preset at tiny scale: its formulation, objective, schedule, decoder and sampler kept."""
-    preset = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
+    from pipeline.params import apply_preset
+
+    preset = apply_preset(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                          yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text()))
     overrides = copy.deepcopy(TINY)
     overrides["diffusion"]["num_steps"] = min(preset["diffusion"]["num_steps"], 10)  # the article's T=5 stays
     del overrides["model"]["network"]  # the article's MLP per level, Ho's U-Net
     overrides["model"].update(base_channels=8, num_res_blocks=1)
-    overrides["train"].update(shards=str(shards), max_steps=10, val_every=5, checkpoint_every=5, log_every=5)
+    overrides["data"] = {"out_dir": str(shards)}
+    overrides["train"].update(max_steps=10, val_every=5, checkpoint_every=5, log_every=5)
     overrides["sample"]["num_steps"] = preset["sample"]["num_steps"] and 5  # null (every level) stays null
     overrides["evaluate"]["comparison_steps"] = [2, 5] if preset["evaluate"]["comparison_steps"] else []
     overrides["tracking"] = {"uri": tracking_uri, "experiment": "presets"}
@@ -455,11 +579,16 @@ def preset_tiny(name: str, shards: Path, tracking_uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def preset_run(prepared, tmp_path_factory):
-    """run(name) -> its directory, after train -> sample -> evaluate of the tiny preset there (once
-    per module); all presets log to one MLflow store, ``run.db``."""
+def preset_run(prepared, tmp_path_factory, mlflow_store):
+    """run(name) -> its directory, after train -> sample -> evaluate of the tiny preset there (once per module),
+    each stage's main called in this process with one torch thread (the stages' own processes run in the
+    `dvc repro` above); all presets log to one MLflow store, ``run.db``."""
+    import importlib
+
+    import torch
+
     work = tmp_path_factory.mktemp("presets")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = mlflow_store(work / "mlflow.db")
     done: dict[str, Path] = {}
 
     def run(name: str) -> Path:
@@ -468,8 +597,20 @@ def preset_run(prepared, tmp_path_factory):
             directory.mkdir()
             params = preset_tiny(name, prepared, uri)
             (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            for stage in ("train", "sample", "evaluate"):
-                _run([sys.executable, "-m", f"pipeline.{stage}", "--params", "params.yaml"], directory, timeout=300)
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # train installs its own
+            threads = torch.get_num_threads()
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(directory)
+                for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DDGM_SHARDS", "DDGM_CHECKPOINT_DIR"):
+                    patch.delenv(variable, raising=False)
+                torch.set_num_threads(1)
+                try:
+                    for stage in ("train", "sample", "evaluate"):
+                        assert not importlib.import_module(f"pipeline.{stage}").main(["--params", "params.yaml"])
+                finally:
+                    torch.set_num_threads(threads)
+                    for sig, handler in handlers.items():
+                        signal.signal(sig, handler)
             done[name] = directory
         return done[name]
 
@@ -483,8 +624,8 @@ def test_article_preset_end_to_end(preset_run):
 
     directory = preset_run("article")
     model = load_model(directory / "models" / "model")
-    assert (model.config.formulation, model.num_steps, model.config.schedule.name) == ("article", 5, "constant")
-    assert (model.config.decoder, model.config.network.kind) == ("continuous", "mlp")
+    assert (model.config.formulation, model.num_steps, model.config.diffusion.schedule) == ("article", 5, "constant")
+    assert (model.config.decoder, model.config.network) == ("continuous", "mlp")
     metrics = json.loads((directory / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in metrics.values())
     for split in ("val", "test"):  # the exact discrete bits/dim AND the article's own continuous bound
@@ -500,8 +641,8 @@ def test_ho_preset_end_to_end(preset_run):
 
     directory = preset_run("ho")
     model = load_model(directory / "models" / "model")
-    assert (model.config.formulation, model.num_steps, model.config.schedule.name) == ("epsilon", 10, "linear")
-    assert (model.config.variance, model.config.decoder, model.config.network.kind) == (
+    assert (model.config.formulation, model.num_steps, model.config.diffusion.schedule) == ("epsilon", 10, "linear")
+    assert (model.config.variance, model.config.decoder, model.config.network) == (
         "learned_range", "discretized", "unet")
     metrics = json.loads((directory / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in metrics.values())
@@ -569,7 +710,7 @@ def test_quality_metrics_rank_real_above_pixel_model_above_noise(prepared):
 
 def _tiny_params_file(directory: Path, shards: str = "data/shards") -> Path:
     params = scaled(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    params["train"]["shards"] = shards
+    params["data"]["out_dir"] = shards
     params["tracking"]["enabled"] = False
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -588,13 +729,15 @@ def test_stage_without_a_model_names_the_missing_file(stage, tmp_path, monkeypat
 
 
 def test_evaluate_without_samples_names_the_missing_file(tmp_path, monkeypatch):
+    from ddgm.config import ModelConfig
     from ddgm.models import build_model
-    from ddgm.params import load_params, model_config
     from ddgm.serialization import save_model
     from pipeline.evaluate import main
+    from pipeline.params import load_params
 
     path = _tiny_params_file(tmp_path)
-    model = build_model(model_config(load_params(path), (1, 8, 8), 17))
+    params = load_params(path)
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17))
     save_model(model, tmp_path / "models" / "model")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"samples/samples\.safetensors"):

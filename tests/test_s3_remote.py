@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import DVC_GIT_ENV, repo_pythonpath, scaled, subprocess_env
+from support import DVC_GIT_ENV, scaled, subprocess_env
 from test_lineage import pipeline_project
 
 from ddgm.data import manifest_hash
@@ -34,8 +34,9 @@ pytestmark = pytest.mark.slow
 TINY = {
     "diffusion": {"num_steps": 10},
     "model": {"network": "mlp", "hidden_dim": 32, "depth": 1},
-    "train": {"max_steps": 12, "warmup_steps": 2, "batch_size": 32, "val_every": 12, "val_batch_size": 350,
-              "val_chunk": 10, "checkpoint_every": 12, "log_every": 4},
+    # mixed_precision: one per process (Accelerate's state), the launcher's as in the suite's other in-process runs
+    "train": {"mixed_precision": None, "max_steps": 12, "warmup_steps": 2, "batch_size": 32, "val_every": 12,
+              "val_batch_size": 350, "val_chunk": 10, "checkpoint_every": 12, "log_every": 4},
 }
 
 
@@ -135,16 +136,28 @@ def _upload(s3: S3Server, bucket: str, prefix: str, directory: Path) -> str:
     return location
 
 
-def _train(work: Path, shards: Path, s3: S3Server, location: str | None, check: bool = True, max_steps: int = 12):
+def _train(work: Path, shards: Path, location: str | None, tracking_uri: str | None, monkeypatch,
+           max_steps: int = 12) -> int:
+    """pipeline.train's entry point, in this process (whose environment reaches the S3 server), on the tiny
+    params in ``work``, reading the shards from ``location`` (DDGM_SHARDS) when given; no tracking without
+    ``tracking_uri``. Its exit status."""
+    from pipeline.stage import run_stage
+    from pipeline.train import main
+
     values = scaled(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     values["train"]["max_steps"] = max_steps
-    values["train"]["shards"] = str(shards)
-    values["tracking"]["uri"] = f"sqlite:///{work / 'mlflow.db'}"
+    values["data"]["out_dir"] = str(shards)
+    values["tracking"].update(uri=tracking_uri, enabled=tracking_uri is not None)
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    env = {**s3.env, "PYTHONPATH": repo_pythonpath(), "DDGM_SHARDS": location}
-    return _run([sys.executable, "-m", "pipeline.train", "--params", "params.yaml"], work, env, timeout=300,
-                check=check)
+    with monkeypatch.context() as patch:
+        patch.chdir(work)
+        for name in ("DDGM_CHECKPOINT_DIR", "MLFLOW_TRACKING_URI", "DDGM_TRACEBACK"):
+            patch.delenv(name, raising=False)
+        patch.delenv("DDGM_SHARDS", raising=False)
+        if location:
+            patch.setenv("DDGM_SHARDS", location)
+        return run_stage(main, ["--params", "params.yaml"])
 
 
 def _dataset_inputs(work: Path) -> list:
@@ -155,12 +168,15 @@ def _dataset_inputs(work: Path) -> list:
     return run.inputs.dataset_inputs
 
 
-def test_training_streams_shards_from_s3_to_the_same_weights(s3, digits_shards, tmp_path):
+def test_training_streams_shards_from_s3_to_the_same_weights(s3, digits_shards, tmp_path, mlflow_store, monkeypatch,
+                                                             restore_signals, single_thread):
     from safetensors.torch import load_file
 
     location = _upload(s3, s3.new_bucket(), "ddgm/shards", digits_shards)
-    _train(tmp_path / "local", digits_shards, s3, None)
-    _train(tmp_path / "remote", digits_shards, s3, location)
+    for name, shards_location in (("local", None), ("remote", location)):
+        status = _train(tmp_path / name, digits_shards, shards_location, mlflow_store(tmp_path / name / "mlflow.db"),
+                        monkeypatch)
+        assert status == 0, name
     local = load_file(tmp_path / "local" / "models" / "model.safetensors")
     remote = load_file(tmp_path / "remote" / "models" / "model.safetensors")
     assert local.keys() == remote.keys()
@@ -170,12 +186,16 @@ def test_training_streams_shards_from_s3_to_the_same_weights(s3, digits_shards, 
     assert json.loads(remote_input.dataset.profile)["shards"] == location
 
 
-def test_shard_changed_on_the_bucket_stops_training_with_its_name(s3, digits_shards, tmp_path):
+def test_shard_changed_on_the_bucket_stops_training_with_its_name(s3, digits_shards, tmp_path, monkeypatch, capsys,
+                                                                  restore_signals, single_thread):
     bucket = s3.new_bucket()
     location = _upload(s3, bucket, "shards", digits_shards)
     name = "train-000001.tar"
     data = (digits_shards / name).read_bytes()
     s3.client().put_object(Bucket=bucket, Key=f"shards/{name}", Body=data[: len(data) // 2])
-    r = _train(tmp_path / "work", digits_shards, s3, location, check=False, max_steps=40)  # > one epoch: every shard
-    assert r.returncode != 0 and name in r.stderr, r.stderr[-3000:]
+    # 40 steps of 32: more than one epoch, so every shard is read
+    capsys.readouterr()
+    status = _train(tmp_path / "work", digits_shards, location, None, monkeypatch, max_steps=40)
+    stderr = capsys.readouterr().err
+    assert status == 1 and name in stderr, stderr[-3000:]
     assert not (tmp_path / "work" / "models" / "model.safetensors").exists()

@@ -38,8 +38,9 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory) -> Path:
-    """A repository copy with tiny params whose two queued experiments ran with -j 2."""
+def swept(tmp_path_factory, mlflow_store) -> Path:
+    """A repository copy with tiny params, its data prepared and committed (as before a sweep of training
+    params), whose two queued experiments ran with -j 2."""
     repo = tmp_path_factory.mktemp("sweep") / "repo"
     copy_repo(repo)
     (repo / "dvc.lock").unlink(missing_ok=True)
@@ -48,6 +49,10 @@ def swept(tmp_path_factory) -> Path:
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-q", "--no-verify", "-m", "tiny params"], repo)
+    _run(["dvc", "repro", "prepare"], repo)  # the experiments take the shards from the cache
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-q", "--no-verify", "-m", "prepared"], repo)
+    mlflow_store(repo / "mlflow.db")  # the project's default store (ignored by git)
     try:
         for name, lr in EXPERIMENTS.items():
             _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo)
