@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from ddgm.atomic import atomic_write  # noqa: E402
+from ddgm.atomic import atomic_write
 
 
 def image_grid(images: torch.Tensor, columns: int = 10, pad: int = 1, background: float = 0.0) -> np.ndarray:

@@ -7,6 +7,7 @@ abar_t = prod_{s<=t} alpha_s.  Everything here is float64 numpy; the diffusion c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,7 +72,9 @@ def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999)
 
 def make_betas(name: str, num_steps: int, **params: float) -> np.ndarray:
     """Betas of the named schedule; ``params`` are the schedule's own keyword arguments."""
-    builders = {"constant": constant_betas, "linear": scaled_linear_betas, "cosine": cosine_betas}
+    builders: dict[str, Callable[..., np.ndarray]] = {
+        "constant": constant_betas, "linear": scaled_linear_betas, "cosine": cosine_betas
+    }
     if name not in builders:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
     try:

@@ -235,4 +235,6 @@ def load_split(shards: str | Path, split: str) -> tuple[Tensor, Tensor]:
               for url, entry in zip(data.urls, data.entries, strict=True)]
     if not blocks:
         return torch.empty((0, *data.image_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return torch.from_numpy(np.concatenate([b[0] for b in blocks])), torch.from_numpy(np.concatenate([b[1] for b in blocks]))
+    images = np.concatenate([block[0] for block in blocks])
+    labels = np.concatenate([block[1] for block in blocks])
+    return torch.from_numpy(images), torch.from_numpy(labels)

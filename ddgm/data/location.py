@@ -54,12 +54,12 @@ def file_url(location: str | Path, name: str) -> str:
 
 def open_url(url: str) -> BinaryIO:
     """Open a local path or URL for binary reading (see the module docstring for the schemes)."""
-    scheme = _scheme(url)
-    if scheme in ("", "file"):
-        path = local_dir(url)
+    path = local_dir(url)
+    if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"file not found: {path}")
-        return open(path, "rb")
+        return path.open("rb")
+    scheme = _scheme(url)
     if scheme == "pipe":
         return wds.gopen(url, "rb")
     if scheme in ("http", "https"):

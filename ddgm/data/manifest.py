@@ -55,9 +55,12 @@ class Manifest:
         """Parse and check manifest text; ``origin`` names the file in errors."""
         try:
             record = json.loads(text)
+            image_shape = tuple(int(v) for v in record["image_shape"])
+            if len(image_shape) != 3:
+                raise DataError(f"manifest {origin}: image_shape must be (C, H, W) >= 1, found {image_shape}")
             manifest = cls(
                 splits={str(k): int(v) for k, v in record["splits"].items()},
-                image_shape=tuple(int(v) for v in record["image_shape"]),
+                image_shape=image_shape,
                 num_levels=int(record["num_levels"]),
                 source=dict(record["source"]),
                 shards={str(k): [dict(s) for s in v] for k, v in record["shards"].items()},
@@ -71,7 +74,7 @@ class Manifest:
         return manifest
 
     def _check(self, origin: str) -> None:
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+        if min(self.image_shape) < 1:
             raise DataError(f"manifest {origin}: image_shape must be (C, H, W) >= 1, found {self.image_shape}")
         if self.num_levels < 2:
             raise DataError(f"manifest {origin}: num_levels must be >= 2, found {self.num_levels}")

@@ -30,7 +30,7 @@ def prepare_dataset(params: DataParams, out_dir: str | Path | None = None) -> Ma
         }
         manifest = Manifest(
             splits={split: len(splits[split]) for split in SPLITS},
-            image_shape=tuple(int(d) for d in data.images.shape[1:]),
+            image_shape=data.image_shape,
             num_levels=data.num_levels,
             source=params.source_record(),
             shards=shards,

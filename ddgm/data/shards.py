@@ -81,7 +81,7 @@ def decode_sample(
     missing = {"npy", "cls"} - set(sample)
     if missing:
         raise DataError(f"shard {url}: sample {key} lacks {sorted(missing)} (corrupt or truncated shard)")
-    data, header = sample["npy"], _npy_header(tuple(image_shape))
+    data, header = sample["npy"], _npy_header(image_shape)
     try:
         label = int(sample["cls"].decode())
         if len(data) == len(header) + math.prod(image_shape) and data.startswith(header):
@@ -144,7 +144,7 @@ def read_shard(url: str, entry: dict, image_shape: tuple[int, int, int],
     data = _read_bytes(url)
     check_shard_bytes(url, entry, data)
     count = int(entry["count"])
-    block = decode_regular(data, count, tuple(image_shape), num_levels, _npy_header(tuple(image_shape)))
+    block = decode_regular(data, count, image_shape, num_levels, _npy_header(image_shape))
     if block is None:
         block = _decode_members(url, data, image_shape, num_levels)
     if len(block[1]) != count:

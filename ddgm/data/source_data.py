@@ -20,3 +20,9 @@ class SourceData:
     skipped: list[str] = field(default_factory=list)  # bad inputs left out (skip_bad)
     fixed_splits: dict[str, np.ndarray] | None = None  # predefined split indices, if the source has them
     raw: RawInputs | None = None  # content hash of the input files, and which were read/skipped/ignored
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        _, channels, height, width = self.images.shape
+        return int(channels), int(height), int(width)

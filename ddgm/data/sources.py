@@ -30,6 +30,8 @@ def load_source(params: DataParams) -> SourceData:
     """Read the source named by ``params.source``."""
     if params.source == "digits":
         return load_digits_source()
+    if params.path is None:
+        raise DataError(f"data.path must name the input for source {params.source!r}, found None")
     if params.source == "array":
         return load_array_source(params.path)
     return load_folder_source(params.path, params.image_size, params.channels, params.skip_bad)
@@ -197,10 +199,10 @@ def _read_image(data: bytes, channels: int | None, image_size: int | None) -> np
         if img.mode not in GRAY_MODES | COLOUR_MODES:
             raise ValueError(f"image mode {img.mode} has more than 8 bits per channel; expected 8-bit grey or colour")
         colour = img.mode not in GRAY_MODES
-        img = img.convert("RGB" if (channels or (3 if colour else 1)) == 3 else "L")
+        converted = img.convert("RGB" if (channels or (3 if colour else 1)) == 3 else "L")
     if image_size is not None:
-        img = _resize_center_crop(img, image_size)
-    array = np.asarray(img, dtype=np.uint8)
+        converted = _resize_center_crop(converted, image_size)
+    array = np.asarray(converted, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

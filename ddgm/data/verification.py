@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from ddgm.atomic import atomic_write
 from ddgm.data.errors import DataError
 from ddgm.data.location import local_dir, open_url
 from ddgm.data.manifest import Manifest, manifest_hash, read_manifest, shard_urls
-from ddgm.atomic import atomic_write
 
 RECORD_DIR = "verified-shards"
 
@@ -80,13 +80,20 @@ def verify_shards(location: str | Path, splits: Iterable[str] | None = None) -> 
     return manifest
 
 
-def record_path(location: str | Path) -> Path:
-    """The record of checked shards for the dataset version at a local ``location``."""
+def _local_dataset(location: str | Path) -> Path:
+    """The directory of a local dataset; DataError for a remote one."""
     directory = local_dir(location)
     if directory is None:
         raise DataError(f"only local datasets are verified up front; {location} is remote (checked while read)")
+    return directory
+
+
+def record_path(location: str | Path) -> Path:
+    """The record of checked shards for the dataset version at a local ``location``."""
+    directory = _local_dataset(location)
     key = hashlib.sha256(f"{manifest_hash(location)}\0{directory.resolve()}".encode()).hexdigest()[:32]
-    cache = os.environ.get("DDGM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddgm"
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = os.environ.get("DDGM_CACHE_DIR") or user_cache / "ddgm"
     return Path(cache) / RECORD_DIR / f"{key}.json"
 
 
@@ -124,7 +131,8 @@ def unchecked_shards(location: str | Path, splits: Iterable[str]) -> list[tuple[
 def _write_record(location: str | Path, checked: dict[str, dict]) -> None:
     path = record_path(location)
     record = _read_record(path) | checked
-    text = json.dumps({"location": str(local_dir(location).resolve()), "shards": record}, indent=1, sort_keys=True)
+    directory = _local_dataset(location).resolve()
+    text = json.dumps({"location": str(directory), "shards": record}, indent=1, sort_keys=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))

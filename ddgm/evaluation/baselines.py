@@ -43,7 +43,8 @@ class PixelCategorical:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """Per-image shape (C, H, W)."""
-        return tuple(self.probs.shape[:3])
+        channels, height, width, _ = self.probs.shape
+        return channels, height, width
 
     def log_prob_bits_per_dim(self, levels: torch.Tensor) -> float:
         """Mean negative log2-likelihood per dimension: -1/(N D) sum_n sum_d log2 p_d(x_{n,d})."""

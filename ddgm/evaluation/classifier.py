@@ -141,6 +141,49 @@ def _check_positive_int(value: int, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _checked_num_classes(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_levels: int,
+    num_classes: int | None,
+    val_data: tuple[torch.Tensor, torch.Tensor] | None,
+) -> int:
+    """Check the training and validation data; ``num_classes``, defaulting to max(labels) + 1."""
+    check_levels(images, num_levels, "images")
+    check_labels(labels, images.shape[0], "labels")
+    if images.shape[2] != images.shape[3]:
+        raise ValueError(f"images must be square, got shape {tuple(images.shape)}")
+    if val_data is not None:
+        val_images, val_labels = val_data
+        check_levels(val_images, num_levels, "val_images")
+        check_image_shape(val_images, tuple(images.shape[1:]), "val_images")
+        check_labels(val_labels, val_images.shape[0], "val_labels")
+    max_label = int(labels.max())
+    num_classes = max_label + 1 if num_classes is None else num_classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= max_label:
+        raise ValueError(f"num_classes must be an integer > max(labels) = {max_label}, got {num_classes!r}")
+    return num_classes
+
+
+def _train_epoch(
+    model: FeatureClassifier,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    """One pass over (x, y) in a random order, minimising cross-entropy on randomly shifted batches."""
+    model.train()
+    for batch in torch.randperm(x.shape[0], generator=generator).to(x.device).split(batch_size):
+        loss = F.cross_entropy(model(random_shift(x[batch], generator)), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -159,21 +202,12 @@ def train_classifier(
     the weights of the epoch with the best validation accuracy are returned (the latest on ties).
     ``num_classes`` defaults to max(labels) + 1.
     """
-    check_levels(images, num_levels, "images")
-    check_labels(labels, images.shape[0], "labels")
     _check_positive_int(epochs, "epochs")
     _check_positive_int(batch_size, "batch_size")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= int(labels.max()):
-        raise ValueError(f"num_classes must be an integer > max(labels) = {int(labels.max())}, got {num_classes!r}")
     if (val_images is None) != (val_labels is None):
         raise ValueError("val_images and val_labels must be given together")
-    if val_images is not None:
-        check_levels(val_images, num_levels, "val_images")
-        check_image_shape(val_images, tuple(images.shape[1:]), "val_images")
-        check_labels(val_labels, val_images.shape[0], "val_labels")
-    if images.shape[2] != images.shape[3]:
-        raise ValueError(f"images must be square, got shape {tuple(images.shape)}")
+    val_data = (val_images, val_labels) if val_images is not None and val_labels is not None else None
+    num_classes = _checked_num_classes(images, labels, num_levels, num_classes, val_data)
 
     device = images.device
     x = levels_to_unit(images, num_levels)
@@ -188,15 +222,9 @@ def train_classifier(
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
         best_accuracy, best_state = -1.0, None
         for _ in range(epochs):
-            model.train()
-            for batch in torch.randperm(x.shape[0], generator=generator).to(device).split(batch_size):
-                loss = F.cross_entropy(model(random_shift(x[batch], generator)), y[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-            if val_images is not None:
-                val_accuracy = accuracy(model, val_images, val_labels, num_levels)
+            _train_epoch(model, optimizer, schedule, x, y, batch_size, generator)
+            if val_data is not None:
+                val_accuracy = accuracy(model, *val_data, num_levels)
                 if val_accuracy >= best_accuracy:
                     best_accuracy, best_state = val_accuracy, copy.deepcopy(model.state_dict())
     if best_state is not None:
