@@ -56,7 +56,7 @@ def test_applying_a_preset_sets_its_keys_and_keeps_the_rest_and_the_comments(tmp
     comments = [line.split("#", 1)[1] for line in target.read_text().splitlines() if "#" in line]
     preset = ROOT / "presets" / "article.yaml"
     apply_main([str(preset), "--params", str(target)])
-    assert "19 key(s) set" in capsys.readouterr().out
+    assert "20 key(s) set" in capsys.readouterr().out
     assert yaml.safe_load(target.read_text()) == apply_preset(params_yaml(), yaml.safe_load(preset.read_text()))
     assert [line.split("#", 1)[1] for line in target.read_text().splitlines() if "#" in line] == comments
     assert load_params(target).model.formulation == "article"
@@ -88,7 +88,8 @@ def test_a_bad_preset_leaves_the_params_file_as_it_was(tmp_path: Path) -> None:
     ({"sample": {"sampler": "euler"}}, "sample.sampler must be one of"),
     ({"evaluate": {"comparison_steps": [0]}}, "evaluate.comparison_steps must all be >= 1"),
     ({"tracking": {"experiment": ""}}, "tracking.experiment must name"),
-    ({"diffusion": {"schedule": "constant"}}, "diffusion.beta must be set"),
+    ({"diffusion": {"schedule": "constant", "offset": None}}, "diffusion.beta must be set"),
+    ({"diffusion": {"schedule": "linear"}}, "diffusion.offset is not used by schedule 'linear'"),
     ({"train": {"objective": "simple", "timestep_sampler": "uniform"}, "model": {"formulation": "article",
                                                                                  "network": "mlp"}},
      "train.objective 'simple' needs model.formulation 'epsilon'"),

@@ -52,10 +52,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     shuffle_buffer: int = 1000
-    val_every: int = 1500
+    val_every: int = 300
     val_batch_size: int = 128
     val_chunk: int = 50
-    val_max_images: int | None = None  # validate on about this many val images (None: all)
+    val_max_images: int | None = 32  # validate on a fixed subset of about this many val images (None: all)
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
