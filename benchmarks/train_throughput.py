@@ -32,7 +32,7 @@ with ``--compile`` also the defaults plus train.compile), one fresh process alte
   ref   a plain U-Net step on L_simple, written here: the same network (built from the same model
         config, so equal size), float32, eager, contiguous; uniform t, z_t = sqrt(abar_t) x +
         sqrt(1 - abar_t) eps, MSE on the eps channels, backward, torch.optim.AdamW's defaults
-  step  ddgm's bare training step (ddgm.training.loop.TrainingStep: model + objective + sampler
+  step  ddgm's bare training step (ddgm.training.step.TrainingStep: model + objective + sampler
         update + clipping + optimizer + scheduler + EMA) on in-memory batches
   loop  the whole loop (ddgm.training.loop.train: shard loader + step + EMA + logging), its
         images/s over the second half of a 2N-step run (logged once, at the end of the window)
@@ -104,8 +104,8 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     import ddgm.training.loop as loop
-    from ddgm.params import load_params, params_from_dict
     from ddgm.training.tracking import Tracker
+    from pipeline.params import load_params, params_from_dict
 
     class Recorder(Tracker):
         def __init__(self) -> None:
@@ -124,14 +124,14 @@ def _worker(args: argparse.Namespace) -> None:
     total = args.warmup + args.steps
     values["train"].update(
         max_steps=total, log_every=1, val_every=total, checkpoint_every=total, val_max_images=2, patience=0,
-        resume=False, shards=str(args.shards), model_dir="models", checkpoint_dir="checkpoints",
-        curve_file="plots/val_curve.tsv")
+        resume=False, model_dir="models", checkpoint_dir="checkpoints", curve_file="plots/val_curve.tsv")
     if args.batch_size:
         values["train"]["batch_size"] = args.batch_size
     values["tracking"] = {"enabled": False}
     os.chdir(args.workdir)
     recorder = Recorder()
-    loop.train(params_from_dict(values), make_tracker=lambda run_id: recorder)
+    params = params_from_dict(values)
+    loop.train(params.model, params.diffusion, params.train, str(args.shards), make_tracker=lambda run_id: recorder)
     if recorder.rates:  # the main process
         measured = [recorder.rates[s] for s in range(args.warmup + 1, total + 1)]
         batch = values["train"]["batch_size"]
@@ -197,27 +197,29 @@ def _step_worker(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     import ddgm.training.loop as loop
+    from ddgm.config import ModelConfig
     from ddgm.data import read_manifest
-    from ddgm.params import load_params, model_config, params_from_dict
     from ddgm.training.acceleration import batch_to_device
+    from ddgm.training.step import build_training_step
     from ddgm.training.tracking import Tracker
+    from pipeline.params import load_params, params_from_dict
 
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     values = {name: dataclasses.asdict(getattr(params, name)) for name in ("diffusion", "model", "train")}
-    values["train"].update(STEP_VARIANTS[args.variant], resume=False, shards=str(args.shards), val_max_images=2,
-                           patience=0, model_dir="models", checkpoint_dir="checkpoints", curve_file="val_curve.tsv")
+    values["train"].update(STEP_VARIANTS[args.variant], resume=False, val_max_images=2, patience=0, model_dir="models",
+                           checkpoint_dir="checkpoints", curve_file="val_curve.tsv")
     if args.batch_size:
         values["train"]["batch_size"] = args.batch_size
     values["tracking"] = {"enabled": False}
     params = params_from_dict(values)
     t, n = params.train, args.steps
     manifest = read_manifest(args.shards)
-    config = model_config(params, manifest.image_shape, manifest.num_levels)
+    config = ModelConfig.build(params.model, params.diffusion, manifest.image_shape, manifest.num_levels)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, step_scheduler_with_optimizer=False)
     batches = _cycle(InMemoryLoader(args.shards, batch_size=t.batch_size))
     reference = _plain_reference_step(config, batches)
-    training_step = loop.build_training_step(params, config, accelerator)
+    training_step = build_training_step(t, config, accelerator)
     counter = iter(range(1, 10**9))
 
     def bare() -> None:
@@ -236,7 +238,8 @@ def _step_worker(args: argparse.Namespace) -> None:
         workdir = args.workdir / f"loop-{round_index}"
         workdir.mkdir(parents=True)
         os.chdir(workdir)
-        loop.train(params_from_dict(loop_values), accelerator=accelerator, make_tracker=lambda run_id: Recorder())
+        p = params_from_dict(loop_values)
+        loop.train(p.model, p.diffusion, p.train, str(args.shards), accelerator, lambda run_id: Recorder())
         return n * t.batch_size / Recorder.rate  # seconds for the n measured steps
 
     started = time.perf_counter()
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ddgm.data import DataParams, prepare_dataset
-    from ddgm.params import load_params
+    from pipeline.params import load_params
 
     torch.set_num_threads(args.threads)
     params = load_params(args.params)

@@ -26,6 +26,19 @@ class GaussianDiffusion(nn.Module):
     checkpoints: they are a function of the schedule in the model config).
     """
 
+    # float32 tables indexed by t = 0..T (registered as buffers in __init__)
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    abar: torch.Tensor
+    abar_prev: torch.Tensor
+    sqrt_abar: torch.Tensor
+    sqrt_one_minus_abar: torch.Tensor
+    posterior_var: torch.Tensor
+    posterior_log_var_clipped: torch.Tensor
+    posterior_coef_x: torch.Tensor
+    posterior_coef_z: torch.Tensor
+    log_beta: torch.Tensor
+
     def __init__(self, betas: np.ndarray):
         super().__init__()
         betas = np.asarray(betas, dtype=np.float64)
@@ -65,7 +78,8 @@ class GaussianDiffusion(nn.Module):
     # -- forward process -------------------------------------------------------------------
     def q_step_sample(self, z_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(1 - beta_t) z_{t-1} + sqrt(beta_t) eps: one step of q(z_t | z_{t-1})."""
-        return torch.sqrt(_broadcast(self.alpha, t, z_prev)) * z_prev + torch.sqrt(_broadcast(self.beta, t, z_prev)) * noise
+        alpha, beta = _broadcast(self.alpha, t, z_prev), _broadcast(self.beta, t, z_prev)
+        return torch.sqrt(alpha) * z_prev + torch.sqrt(beta) * noise
 
     def q_marginal(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean sqrt(abar_t) x and variance (1 - abar_t) of q(z_t | x)."""
@@ -99,8 +113,8 @@ class GaussianDiffusion(nn.Module):
         """L_T = KL(q(z_T | x) || N(0, I)) in nats per example (no parameters)."""
         t = torch.full((x.shape[0],), self.num_steps, device=x.device, dtype=torch.long)
         mean, var = self.q_marginal(x, t)
-        kl = normal_kl(mean, torch.log(var), torch.zeros_like(mean), torch.zeros_like(mean))
-        return kl.flatten(1).sum(1)
+        zero = torch.zeros((), device=x.device, dtype=mean.dtype)  # N(0, I), broadcast
+        return normal_kl(mean, torch.log(var), zero, zero).flatten(1).sum(1)
 
     # -- epsilon parameterisation ---------------------------------------------------------
     def x0_from_eps(self, z_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -114,21 +128,22 @@ class GaussianDiffusion(nn.Module):
     def mean_from_eps(self, z_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """mu_theta(z_t, t) = (z_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)."""
         beta = _broadcast(self.beta, t, z_t)
-        return (z_t - beta / _broadcast(self.sqrt_one_minus_abar, t, z_t) * eps) / torch.sqrt(_broadcast(self.alpha, t, z_t))
+        sqrt_one_minus_abar = _broadcast(self.sqrt_one_minus_abar, t, z_t)
+        return (z_t - beta / sqrt_one_minus_abar * eps) / torch.sqrt(_broadcast(self.alpha, t, z_t))
 
-    def reverse_log_variance(self, kind: str, t: torch.Tensor, like: torch.Tensor, interp: torch.Tensor | None = None) -> torch.Tensor:
+    def reverse_log_variance(self, kind: str, t: torch.Tensor, like: torch.Tensor,
+                             interp: torch.Tensor | None = None) -> torch.Tensor:
         """log sigma_t^2 of p_theta(z_{t-1} | z_t).
 
         fixed_large: log beta_t (beta~_2 at t = 1); fixed_small: log beta~_t (clipped at t = 1);
         learned_range: v log beta_t + (1 - v) log beta~_t with v = (interp + 1) / 2 (Nichol & Dhariwal).
         """
         small = _broadcast(self.posterior_log_var_clipped, t, like)
-        large_table = torch.cat([self.posterior_log_var_clipped[:2], self.log_beta[2:]])
-        large = _broadcast(large_table, t, like)
         if kind == "fixed_small":
             return small.expand_as(like)
         if kind == "fixed_large":
-            return large.expand_as(like)
+            large_table = torch.cat([self.posterior_log_var_clipped[:2], self.log_beta[2:]])
+            return _broadcast(large_table, t, like).expand_as(like)
         if kind == "learned_range":
             if interp is None:
                 raise ValueError("variance 'learned_range' needs the network's interpolation output")

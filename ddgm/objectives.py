@@ -37,7 +37,9 @@ def full_elbo(model: DDGM, x: torch.Tensor, generator: torch.Generator | None = 
     return ObjectiveOutput(model.diffusion.prior_kl(x) + terms.view(model.num_steps, batch).sum(0))
 
 
-def _draw(model: DDGM, x: torch.Tensor, sampler: UniformSampler, generator: torch.Generator | None):
+def _draw(model: DDGM, x: torch.Tensor, sampler: UniformSampler, generator: torch.Generator | None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t ~ p(t), its importance weights 1 / (T p(t)), eps and z_t ~ q(z_t | x)."""
     t, weights = sampler.sample(x.shape[0], device=x.device, generator=generator)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return t, weights, noise, model.diffusion.q_sample(x, t, noise)

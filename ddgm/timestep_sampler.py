@@ -66,7 +66,7 @@ class ImportanceSampler(UniformSampler):
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         history = self.losses.shape[1]
-        for step, loss in zip(t.tolist(), losses.detach().double().tolist()):
+        for step, loss in zip(t.tolist(), losses.detach().double().tolist(), strict=True):
             row = step - 1
             if self.counts[row] >= history:
                 self.losses[row, :-1] = self.losses[row, 1:]

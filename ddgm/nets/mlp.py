@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ class MLP(nn.Module):
         self.time_embed_dim = None if time_embed_dim is None else check_int("time_embed_dim", time_embed_dim, 2)
 
         dims = [in_dim] + [hidden_dim] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         self.act = nn.SiLU()
         self.output = nn.Linear(hidden_dim, out_dim)
         if zero_init_output:
@@ -54,7 +56,7 @@ class MLP(nn.Module):
         """Map ``x`` [B, in_dim] (and timesteps ``t`` [B] if time-conditioned) to [B, out_dim]."""
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"x must have shape [B, {self.in_dim}], got {tuple(x.shape)}")
-        if self.time_mlp is None:
+        if self.time_mlp is None or self.time_embed_dim is None:
             biases = [0.0] * self.depth
         else:
             if t is None:
@@ -64,6 +66,6 @@ class MLP(nn.Module):
             temb = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(x.dtype))
             biases = temb.chunk(self.depth, dim=1)
         h = x
-        for layer, bias in zip(self.hidden, biases):
+        for layer, bias in zip(self.hidden, biases, strict=True):
             h = self.act(layer(h) + bias)
         return self.output(h)

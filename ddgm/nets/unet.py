@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -204,7 +206,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         skip_channels = [self.base_channels]
         ch = self.base_channels
-        for level, (c, side) in enumerate(zip(channels, resolutions)):
+        for level, (c, side) in enumerate(zip(channels, resolutions, strict=True)):
             for _ in range(num_res_blocks):
                 self.down.append(nn.ModuleList([self._res(ch, c), self._attention(c, side)]))
                 ch = c
@@ -244,7 +246,7 @@ class UNet(nn.Module):
             if isinstance(block, Downsample):
                 h = block(h)
             else:
-                resblock, attn = block
+                resblock, attn = cast(nn.ModuleList, block)  # [ResBlock, attention or Identity]
                 h = attn(resblock(h, temb))
             skips.append(h)
 
@@ -254,7 +256,7 @@ class UNet(nn.Module):
             if isinstance(block, Upsample):
                 h = block(h)
             else:
-                resblock, attn = block
+                resblock, attn = cast(nn.ModuleList, block)  # [ResBlock, attention or Identity]
                 h = attn(resblock(torch.cat([h, skips.pop()], dim=1), temb))
 
         return self.conv_out(F.silu(self.norm_out(h)))
