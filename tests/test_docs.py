@@ -196,3 +196,14 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         "two-commands", "results-on-digits-88-17-levels", "two-commands-1"}
     assert in_repository(ROOT / "docs" / "math.md") == "docs/math.md"
     assert in_repository(ROOT / "models" / "model.json") is None  # a pipeline output: ignored by git
+
+
+def test_readme_layout_table_names_every_module_and_package():
+    """Every module of ddgm/ (top level), every ddgm sub-package, pipeline/ and benchmarks/ has a row."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Library layout"):]
+    expected = [f"`ddgm/{p.name}`" for p in sorted((ROOT / "ddgm").glob("*.py")) if p.name != "__init__.py"]
+    expected += [f"`ddgm/{p.name}/`" for p in sorted((ROOT / "ddgm").iterdir()) if (p / "__init__.py").is_file()]
+    expected += ["`pipeline/`", "`benchmarks/`"]
+    missing = [name for name in expected if name not in table]
+    assert not missing, f"README's layout table lacks {missing}"
