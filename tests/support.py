@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -138,3 +140,19 @@ def rank_reports(output: str) -> list[str]:
     """Sorted 'RANK r WORLD w TYPE t BACKEND b KEY value' reports of test rank scripts, found also where
     two ranks' writes to one stdout pipe interleave within a line."""
     return sorted(re.findall(r"RANK \d+ WORLD \d+ TYPE \w+ BACKEND \w+ [A-Z]+ [\d.]+", output))
+
+
+def wait_for_health(url: str, server: subprocess.Popen, log: Path, seconds: float) -> None:
+    """Poll ``url``/health until it answers 200; fail with the server's log when it exits or
+    ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert server.poll() is None, f"server exited {server.returncode}:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"server did not answer in {seconds} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)

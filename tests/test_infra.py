@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port, kill_group, rank_reports, repo_pythonpath, subprocess_env, tool_dir
+from support import free_port, kill_group, rank_reports, repo_pythonpath, subprocess_env, tool_dir, wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -682,7 +682,6 @@ def test_sbatch_preemption_requeues(tmp_path):
 def test_mlflow_serve_script(tmp_path, mlflow_store):
     """serve.sh with its defaults: the store ./mlflow-server/mlflow.db (made beforehand: making its tables takes
     seconds, and is MLflow's own) and the artifacts under ./mlflow-server/artifacts, uploaded through the server."""
-    import urllib.request
 
     from mlflow.tracking import MlflowClient
 
@@ -697,16 +696,7 @@ def test_mlflow_serve_script(tmp_path, mlflow_store):
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        end = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < end, log.read_text()
-            time.sleep(0.5)
+        wait_for_health(url, server, log, 180)
         client = MlflowClient(tracking_uri=url)  # explicit: no global tracking state in the test process
         run_id = client.create_run(client.create_experiment("infra-test")).info.run_id
         client.log_param(run_id, "p", 1)

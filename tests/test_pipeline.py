@@ -27,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from support import DVC_GIT_ENV, TINY, copy_repo, free_port, scaled, sha256_file, subprocess_env
+from support import DVC_GIT_ENV, TINY, copy_repo, free_port, scaled, sha256_file, subprocess_env, wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "train", "sample", "evaluate")
@@ -467,17 +466,7 @@ def mlflow_server(repro, tmp_path_factory):
             cwd=workdir, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"mlflow server exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"mlflow server did not answer in 120 s:\n{log.read_text()[-4000:]}"
-            time.sleep(0.5)
+        wait_for_health(url, proc, log, 120)
         yield url
     finally:
         _stop_group(proc)
