@@ -235,3 +235,56 @@ def test_unet_forward_errors() -> None:
         net(torch.randn(2, 1, 16, 16), torch.arange(2))
     with pytest.raises(ValueError, match="t must have shape"):
         net(torch.randn(2, 1, 8, 8), torch.arange(3))
+
+
+# --- dropout and the time path --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits_on_cpu", [True, False])
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_drops_at_rate_p_and_keeps_the_mean(bits_on_cpu: bool, p: float) -> None:
+    from ddgm.nets.unet import Dropout
+
+    dropout = Dropout(p).train()
+    dropout.bits_on_cpu = bits_on_cpu
+    torch.manual_seed(0)
+    x = torch.ones(400_000)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5  # 4 standard errors
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)), rtol=1e-6)
+    assert abs(y.mean().item() - 1.0) < 0.01
+
+
+def test_dropout_bits_path_follows_the_seed_and_is_identity_in_eval() -> None:
+    from ddgm.nets.unet import Dropout
+
+    dropout = Dropout(0.1).train()
+    dropout.bits_on_cpu = True
+    x = torch.randn(64, 8, 4, 4)
+    torch.manual_seed(3)
+    first = dropout(x)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), first)
+    assert not torch.equal(dropout(x), first)
+    assert dropout(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_unet_time_biases_equal_each_blocks_projection() -> None:
+    """The one-matmul time path gives every block time_proj(SiLU(time_mlp(emb(t)))), in forward order."""
+    torch.manual_seed(0)
+    net = UNet(1, 1, 8, base_channels=16, channel_mults=(1, 2), num_res_blocks=2, attention_resolutions=(4,),
+               norm_groups=4)
+    t = torch.tensor([1, 7, 50])
+    temb = torch.nn.functional.silu(net.time_mlp(timestep_embedding(t, net.base_channels)))
+    received: list[tuple[nn.Module, torch.Tensor]] = []
+    for block in net.res_blocks:
+        block.register_forward_pre_hook(lambda module, args: received.append((module, args[1])))
+    net(torch.randn(3, 1, 8, 8), t)
+    assert len(received) == len(net.res_blocks) == sum(type(m) is type(net.mid_res1) for m in net.modules())
+    for block, bias in received:
+        torch.testing.assert_close(bias, block.time_proj(temb))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(b.dtype == torch.bfloat16 for b in net.time_biases(t, torch.bfloat16))
