@@ -2,12 +2,14 @@
 step count, over several sampling seeds and over one large draw.
 
 A Frechet distance over 1,000 samples moves by tens of percent between sampling seeds, so one draw
-cannot tell two systems apart. This prints, for each DDIM step count, the mean +- std over
-``--seeds`` draws of ``--samples`` images (the size of the train-vs-test floor's train set, so the
-two are comparable) and the distance of one ``--large`` draw, beside the floor, in one run.
+cannot tell two systems apart. This prints, for each step count of the sampler (ancestral, as the
+sample stage, or DDIM with ``--eta``), the mean +- std over ``--seeds`` draws of ``--samples``
+images (the size of the train-vs-test floor's train set, so the two are comparable) and the
+distance of one ``--large`` draw, beside the floor, in one run.
 
 Usage: python benchmarks/sample_quality.py [--model models/model] [--shards data/shards]
-       [--steps 10,25,50] [--seeds 5] [--samples 1000] [--large 20000] [--out report.json]
+       [--steps 10,25,50] [--sampler ancestral|ddim] [--eta 0] [--seeds 5] [--samples 1000]
+       [--large 20000] [--out report.json]
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/model", help="model path prefix (as written by the train stage)")
     parser.add_argument("--shards", default="data/shards")
-    parser.add_argument("--steps", default="10,25,50", help="comma-separated DDIM step counts")
+    parser.add_argument("--steps", default="10,25,50", help="comma-separated sampler step counts")
+    parser.add_argument("--sampler", default="ancestral", choices=("ancestral", "ddim"))
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM: eta (0 = deterministic)")
     parser.add_argument("--seeds", type=int, default=5, help="sampling seeds per step count")
     parser.add_argument("--samples", type=int, default=1000, help="samples per seed")
     parser.add_argument("--large", type=int, default=20000, help="size of the one large draw (0 = none)")
@@ -48,18 +52,23 @@ def main(argv: list[str] | None = None) -> dict:
     test_x, _ = load_split(args.shards, "test")
     classifier = train_classifier(train_x, train_y, k, epochs=args.classifier_epochs, seed=0, val_images=val_x,
                                   val_labels=val_y)
-    report: dict = {"floor_train_vs_test": frechet_distance(classifier, test_x, train_x, k), "steps": {}}
+    floor = frechet_distance(classifier, test_x, train_x, k)
+    report: dict = {"sampler": args.sampler, "eta": args.eta, "floor_train_vs_test": floor, "steps": {}}
+    print(f"sampler {args.sampler}" + (f", eta {args.eta}" if args.sampler == "ddim" else ""))
     print(f"floor (train {len(train_x)} vs test {len(test_x)}): {report['floor_train_vs_test']:.2f}")
-    print(f"{'DDIM steps':>10}  {'FD mean':>8}  {'std':>6}  {'min':>6}  {'max':>6}  "
+    print(f"{args.sampler + ' steps':>10}  {'FD mean':>8}  {'std':>6}  {'min':>6}  {'max':>6}  "
           f"{'FD ' + str(args.large) if args.large else 'FD large':>9}  {'ratio to floor':>14}  {'s/1000':>6}")
+
+    def distance(num_samples: int, steps: int, seed: int) -> float:
+        levels = sample_levels(model, num_samples, args.sampler, steps, args.eta, seed)
+        return frechet_distance(classifier, test_x, levels, k)
+
     with torch.no_grad():
         for steps in (int(s) for s in args.steps.split(",")):
             start = time.perf_counter()
-            draws = [frechet_distance(classifier, test_x, sample_levels(model, args.samples, "ddim", steps, seed=seed),
-                                      k) for seed in range(args.seeds)]
+            draws = [distance(args.samples, steps, seed) for seed in range(args.seeds)]
             seconds = (time.perf_counter() - start) / (args.seeds * args.samples / 1000)
-            large = (frechet_distance(classifier, test_x, sample_levels(model, args.large, "ddim", steps,
-                                                                        seed=10_000), k) if args.large else None)
+            large = distance(args.large, steps, 10_000) if args.large else None
             row = {"mean": statistics.fmean(draws), "std": statistics.stdev(draws) if len(draws) > 1 else 0.0,
                    "draws": draws, "large": large, "seconds_per_1000": seconds}
             row["ratio_to_floor"] = row["mean"] / report["floor_train_vs_test"]

@@ -90,7 +90,8 @@ def sampler_comparison(model: DDGM, params: PipelineParams, classifier: FeatureC
     the full ancestral sampler over all T levels."""
     e, s = params.evaluate, params.sample
     runs = [(s.sampler, steps) for steps in e.comparison_steps if steps <= model.num_steps]
-    runs.append(("ancestral", model.num_steps))
+    if ("ancestral", model.num_steps) not in runs:
+        runs.append(("ancestral", model.num_steps))
     rows = []
     for sampler, steps in runs:
         generator = torch.Generator().manual_seed(e.seed)

@@ -36,7 +36,7 @@ class SampleParams:
     """params.yaml ``sample``: the samples and figures of the sample stage."""
 
     num_samples: int = 1000
-    sampler: str = "ddim"  # ddim | ancestral (the article's model: ancestral over its T levels)
+    sampler: str = "ancestral"  # ddim | ancestral (the article's model: ancestral over its T levels)
     num_steps: int | None = 50  # None: every level
     eta: float = 0.0
     clip_denoised: bool = True

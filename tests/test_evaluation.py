@@ -250,3 +250,27 @@ def test_reported_val_likelihood_uses_noise_the_checkpoint_selection_never_saw(d
     assert likelihood_metrics(model, params)["val/total_bpd"] == reported["val/total_bpd"]  # seeded
     with pytest.raises(ValueError, match="noise"):
         split_elbo(model, str(digits_shards), "val", 350, 10, 0, noise="test")
+
+
+@pytest.mark.parametrize(("sampler", "expected"), [
+    ("ancestral", [("ancestral", 2), ("ancestral", 10)]),
+    ("ddim", [("ddim", 2), ("ddim", 10), ("ancestral", 10)]),
+])
+def test_sampler_comparison_rows_once_each_and_the_full_ancestral_chain(sampler, expected, classifier, digits):
+    """The configured sampler at each comparison step count (those <= T), then ancestral over all T
+    levels unless that row is already there."""
+    from ddgm.config import ModelConfig
+    from ddgm.models import build_model
+    from pipeline.evaluate import sampler_comparison
+    from pipeline.params import params_from_dict
+
+    params = params_from_dict({
+        "diffusion": {"num_steps": 10},
+        "model": {"network": "mlp", "hidden_dim": 16, "depth": 1},
+        "sample": {"sampler": sampler},
+        "evaluate": {"comparison_steps": [2, 10, 50], "comparison_samples": 20},
+    })
+    model = build_model(ModelConfig.build(params.model, params.diffusion, (1, 8, 8), K)).eval()
+    rows = sampler_comparison(model, params, classifier, digits["test"])
+    assert [(row["sampler"], row["steps"]) for row in rows] == expected
+    assert all(math.isfinite(row["fd_vs_test"]) and row["seconds"] >= 0 for row in rows)

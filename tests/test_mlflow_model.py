@@ -93,11 +93,11 @@ def test_loaded_model_draws_what_ddgm_draws(tracking):
 def test_batched_request_matches_the_sample_stage(tracking):
     loaded = mlflow.pyfunc.load_model(f"runs:/{tracking.run_id}/model")
     out = loaded.predict(pd.DataFrame([{"num_samples": 5, "num_steps": 4, "eta": 1.0, "batch_size": 2, "seed": 3}]))
-    stage = SampleParams(num_samples=5, sampler="ddim", num_steps=4, eta=1.0, batch_size=2, seed=3)
+    stage = SampleParams(num_samples=5, sampler="ancestral", num_steps=4, eta=1.0, batch_size=2, seed=3)
     np.testing.assert_array_equal(out, draw_samples(tracking.epsilon, stage)[0].numpy())
     defaults = loaded.predict({})
     assert defaults.shape == (16, 1, 8, 8)
-    np.testing.assert_array_equal(defaults, loaded.predict({"num_samples": 16, "sampler": "ddim", "seed": 0,
+    np.testing.assert_array_equal(defaults, loaded.predict({"num_samples": 16, "sampler": "ancestral", "seed": 0,
                                                             "num_steps": 20, "eta": 0.0}))
 
 

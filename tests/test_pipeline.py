@@ -158,7 +158,7 @@ def test_dvc_repro_writes_every_output(repro):
                 "test/nelbo_nats_per_image", "fd/samples_vs_test", "fd/floor_train_vs_test",
                 "fd/heldout_val_vs_test", "fd/pixel_categorical_vs_test", "is/samples", "is/test",
                 "classifier/test_accuracy", "nn/samples_to_train", "baseline/uniform_bpd",
-                "sampler/ddim_2_fd", "sampler/ddim_5_fd", "sampler/ancestral_10_fd"):
+                "sampler/ancestral_2_fd", "sampler/ancestral_5_fd", "sampler/ancestral_10_fd"):
         assert key in metrics, sorted(metrics)
     bad = {k: v for k, v in metrics.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
     assert not bad, bad
@@ -169,7 +169,7 @@ def test_dvc_repro_writes_every_output(repro):
     assert [float(line.split("\t")[0]) for line in curve[1:]] == [10.0, 20.0]
     table = [line.split("\t") for line in (repo / "plots" / "sampler_comparison.tsv").read_text().splitlines()]
     assert table[0] == ["sampler", "steps", "seconds", "fd_vs_test"]
-    assert [(row[0], int(row[1])) for row in table[1:]] == [("ddim", 2), ("ddim", 5), ("ancestral", 10)]
+    assert [(row[0], int(row[1])) for row in table[1:]] == [("ancestral", 2), ("ancestral", 5), ("ancestral", 10)]
     assert float(table[3][3]) == pytest.approx(metrics["sampler/ancestral_10_fd"], abs=1e-3)
 
 
@@ -636,7 +636,7 @@ def test_ho_preset_end_to_end(preset_run):
     metrics = json.loads((directory / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in metrics.values())
     assert "test/continuous_nelbo_nats_per_image" not in metrics
-    assert {"sampler/ddim_2_fd", "sampler/ddim_5_fd", "sampler/ancestral_10_fd"} <= set(metrics)
+    assert {"sampler/ancestral_2_fd", "sampler/ancestral_5_fd", "sampler/ancestral_10_fd"} <= set(metrics)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""benchmarks/sample_quality.py: Frechet distance per DDIM step count as mean +- std over seeds and
+"""benchmarks/sample_quality.py: Frechet distance per sampler step count as mean +- std over seeds and
 over one large draw, beside the train-vs-test floor, written to JSON."""
 
 from __future__ import annotations
@@ -39,3 +39,4 @@ def test_report_has_spread_over_seeds_and_the_floor(digits_shards, tmp_path):
         assert row["std"] == statistics.stdev(row["draws"]) > 0
         assert row["large"] > 0 and row["ratio_to_floor"] == row["mean"] / report["floor_train_vs_test"]
     assert "floor (train 1000 vs test 447)" in done.stdout
+    assert report["sampler"] == "ancestral"

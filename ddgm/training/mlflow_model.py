@@ -52,12 +52,11 @@ EXAMPLE_STEPS = 10
 
 @dataclass(frozen=True)
 class SamplingRequest:
-    """One predict call. sampler None: 'ddim' for epsilon models, 'ancestral' for the article's;
-    num_steps None: every level. Samples are drawn ``batch_size`` at a time from one generator
-    seeded with ``seed`` (as the sample stage draws them)."""
+    """One predict call. num_steps None: every level. Samples are drawn ``batch_size`` at a time from
+    one generator seeded with ``seed`` (as the sample stage draws them)."""
 
     num_samples: int = 16
-    sampler: str | None = None
+    sampler: str = "ancestral"
     num_steps: int | None = None
     eta: float = 0.0
     seed: int = 0
@@ -113,19 +112,16 @@ def parse_request(model_input: pd.DataFrame | Mapping[str, Any]) -> SamplingRequ
         raise _bad(f"num_samples must lie in [1, {MAX_SAMPLES}], got {request.num_samples}")
     if request.batch_size < 1 or request.seed < 0:
         raise _bad(f"batch_size must be >= 1 and seed >= 0, got {request.batch_size} and {request.seed}")
-    if request.sampler is not None and request.sampler not in SAMPLERS:
+    if not request.eta >= 0:  # rejects NaN too; checked for every sampler, as the sample stage does
+        raise _bad(f"eta must be >= 0, got {request.eta}")
+    if request.sampler not in SAMPLERS:
         raise _bad(f"sampler must be one of {SAMPLERS}, got {request.sampler!r}")
     return request
 
 
-def default_sampler(config: ModelConfig) -> str:
-    """DDIM for the epsilon formulation; the article's model samples ancestrally."""
-    return "ddim" if config.formulation == "epsilon" else "ancestral"
-
-
 def draw_levels(model: DDGM, request: SamplingRequest) -> torch.Tensor:
     """request.num_samples samples as integer levels, batch by batch from one seeded generator."""
-    return sample_levels(model, request.num_samples, request.sampler or default_sampler(model.config),
+    return sample_levels(model, request.num_samples, request.sampler,
                          request.num_steps, request.eta, request.seed, request.batch_size, request.clip_denoised)
 
 
@@ -160,8 +156,8 @@ def model_signature(config: ModelConfig) -> ModelSignature:
 
 
 def input_example(config: ModelConfig) -> pd.DataFrame:
-    """A small, quick request: 2 samples, DDIM over a few levels (the article's model: ancestral, all levels)."""
-    request = SamplingRequest(num_samples=2, sampler=default_sampler(config))
+    """A small, quick request: 2 samples over a few levels (the article's model: all levels)."""
+    request = SamplingRequest(num_samples=2)
     if config.formulation == "epsilon":
         request = replace(request, num_steps=min(EXAMPLE_STEPS, config.diffusion.num_steps))
     row = {f.name: getattr(request, f.name) for f in fields(request) if getattr(request, f.name) is not None}
