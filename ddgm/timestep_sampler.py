@@ -83,10 +83,10 @@ class ImportanceSampler(UniformSampler):
         self.counts = np.asarray(state["counts"], dtype=np.int64).copy()
 
 
-def make_timestep_sampler(name: str, num_steps: int) -> UniformSampler:
-    """The sampler named ``name`` ('uniform' or 'importance')."""
+def make_timestep_sampler(name: str, num_steps: int, uniform_mix: float = 0.001) -> UniformSampler:
+    """The sampler named ``name`` ('uniform' or 'importance', with ``uniform_mix`` of the uniform p(t))."""
     if name == "uniform":
         return UniformSampler(num_steps)
     if name == "importance":
-        return ImportanceSampler(num_steps)
+        return ImportanceSampler(num_steps, uniform_mix=uniform_mix)
     raise ValueError(f"timestep_sampler must be one of {TIMESTEP_SAMPLERS}, got {name!r}")

@@ -438,6 +438,20 @@ def _small_learned_range_model() -> DDGM:
     return model
 
 
+@pytest.mark.parametrize("uniform_mix", [0.001, 0.5, 1.0])
+def test_importance_sampler_mixes_in_the_uniform_distribution(uniform_mix: float) -> None:
+    """p(t) = (1 - m) sqrt(E[L_{t-1}^2]) / sum + m / T, and the weights 1 / (T p(t)) follow it."""
+    sampler = ImportanceSampler(4, history=2, uniform_mix=uniform_mix)
+    for _ in range(2):
+        sampler.update(torch.arange(1, 5), torch.tensor([4.0, 2.0, 1.0, 1.0]))
+    expected = (1 - uniform_mix) * np.array([4.0, 2.0, 1.0, 1.0]) / 8 + uniform_mix / 4
+    np.testing.assert_allclose(sampler.probabilities(), expected)
+    t, weights = sampler.sample(1000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(weights.double(), 1 / (4 * torch.from_numpy(expected)[t - 1]), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="uniform_mix"):
+        ImportanceSampler(4, uniform_mix=0.0)
+
+
 def _skewed_importance_sampler(num_steps: int) -> ImportanceSampler:
     sampler = ImportanceSampler(num_steps, history=10)
     for _ in range(10):

@@ -86,6 +86,8 @@ def test_a_bad_preset_leaves_the_params_file_as_it_was(tmp_path: Path) -> None:
     ({"model": {"channel_mults": 2}}, "params key model.channel_mults"),
     ({"data": {"out_dir": ""}}, "data.out_dir must be a non-empty path"),
     ({"sample": {"sampler": "euler"}}, "sample.sampler must be one of"),
+    ({"train": {"uniform_mix": 0.0}}, r"train.uniform_mix must lie in \(0, 1\]"),
+    ({"train": {"uniform_mix": 1.5}}, r"train.uniform_mix must lie in \(0, 1\]"),
     ({"evaluate": {"comparison_steps": [0]}}, "evaluate.comparison_steps must all be >= 1"),
     ({"tracking": {"experiment": ""}}, "tracking.experiment must name"),
     ({"diffusion": {"schedule": "constant", "offset": None}}, "diffusion.beta must be set"),

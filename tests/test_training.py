@@ -629,3 +629,17 @@ def test_fingerprint_covers_params_data_and_code(monkeypatch):
     train_config.lr /= 2
     monkeypatch.setattr(fingerprint, "code_hash", lambda: "other code")
     assert base != fingerprint.fingerprint(train_config, config, "data-a")  # changed library code: start over
+
+
+@pytest.mark.parametrize(("sampler", "uniform_mix"), [("importance", 0.001), ("importance", 0.5), ("uniform", 0.5)])
+def test_training_step_draws_t_from_the_configured_sampler(tmp_path, sampler, uniform_mix):
+    from accelerate import Accelerator
+
+    from ddgm.timestep_sampler import ImportanceSampler
+
+    params = params_from_dict(tiny(tmp_path, timestep_sampler=sampler, uniform_mix=uniform_mix))
+    config = ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17)
+    training_step = step_module.build_training_step(params.train, config, Accelerator(cpu=True))
+    assert isinstance(training_step.sampler, ImportanceSampler) == (sampler == "importance")
+    if sampler == "importance":
+        assert training_step.sampler.uniform_mix == uniform_mix

@@ -30,6 +30,7 @@ class TrainConfig:
 
     objective: str = "random_t_elbo"
     timestep_sampler: str = "importance"
+    uniform_mix: float = 0.001  # importance: p(t) = (1 - uniform_mix) p_importance(t) + uniform_mix / T
     vlb_weight: float = 0.001  # hybrid: lambda on the VLB in bits/dim
     optimizer: str = "adamw"
     lr: float = 0.002
@@ -79,6 +80,8 @@ class TrainConfig:
             _check_sign(name, getattr(self, name), strict=False)
         if self.val_max_images is not None:
             _check_sign("val_max_images", self.val_max_images, strict=True)
+        if not 0.0 < self.uniform_mix <= 1.0:  # rejects NaN too
+            raise ValueError(f"train.uniform_mix must lie in (0, 1], got {self.uniform_mix!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

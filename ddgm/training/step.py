@@ -102,7 +102,7 @@ def build_training_step(train: TrainConfig, config: ModelConfig, accelerator: Ac
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
     if train.compile:
         compile_networks(model, train.compile_mode)
-    sampler = make_timestep_sampler(train.timestep_sampler, config.diffusion.num_steps)
+    sampler = make_timestep_sampler(train.timestep_sampler, config.diffusion.num_steps, train.uniform_mix)
     objective = ObjectiveModule(model, train.objective, sampler, train.vlb_weight)
     optimizer = make_optimizer(train, model)
     scheduler = make_lr_scheduler(optimizer, train)
