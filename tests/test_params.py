@@ -70,7 +70,8 @@ def test_a_bad_preset_leaves_the_params_file_as_it_was(tmp_path: Path) -> None:
     target.write_text((ROOT / "params.yaml").read_text())
     for text, match in [("model: {widht: 3}\n", "unknown params key model.widht"),
                         ("train: {lr: fast}\n", "params key train.lr: Value 'fast'"),
-                        ("train: {objective: simple}\n", "train.timestep_sampler 'importance'")]:
+                        ("train: {objective: simple, timestep_sampler: importance}\n",
+                         "train.timestep_sampler 'importance'")]:
         (tmp_path / "preset.yaml").write_text(text)
         with pytest.raises(ValueError, match=match):
             apply_main([str(tmp_path / "preset.yaml"), "--params", str(target)])
@@ -90,7 +91,8 @@ def test_a_bad_preset_leaves_the_params_file_as_it_was(tmp_path: Path) -> None:
     ({"train": {"uniform_mix": 1.5}}, r"train.uniform_mix must lie in \(0, 1\]"),
     ({"evaluate": {"comparison_steps": [0]}}, "evaluate.comparison_steps must all be >= 1"),
     ({"tracking": {"experiment": ""}}, "tracking.experiment must name"),
-    ({"diffusion": {"schedule": "constant", "offset": None}}, "diffusion.beta must be set"),
+    ({"diffusion": {"schedule": "constant", "offset": None, "max_beta": None}}, "diffusion.beta must be set"),
+    ({"diffusion": {"schedule": "constant", "offset": None, "beta": 0.1}}, "diffusion.max_beta is not used"),
     ({"diffusion": {"schedule": "linear"}}, "diffusion.offset is not used by schedule 'linear'"),
     ({"train": {"objective": "simple", "timestep_sampler": "uniform"}, "model": {"formulation": "article",
                                                                                  "network": "mlp"}},

@@ -29,7 +29,7 @@ class TrainConfig:
     model, checkpoints and validation curve go."""
 
     objective: str = "random_t_elbo"
-    timestep_sampler: str = "importance"
+    timestep_sampler: str = "uniform"
     uniform_mix: float = 0.001  # importance: p(t) = (1 - uniform_mix) p_importance(t) + uniform_mix / T
     vlb_weight: float = 0.001  # hybrid: lambda on the VLB in bits/dim
     optimizer: str = "adamw"
