@@ -26,7 +26,8 @@ are prepared in a temporary directory.
 
 First, the step against a plain reference (``--skip-processes`` prints only this part): for each
 of ``--step-threads`` (default 1 and 2) and each variant of the train settings (``defaults``: the
-params file's; ``fp32``: mixed_precision no; ``fp32, unfused AdamW``: also fused_optimizer false, close to
+params file's; ``fp32``: mixed_precision no; ``importance t``: the importance sampler of t,
+whose update runs every step; ``fp32, unfused AdamW``: also fused_optimizer false, close to
 the step before the speed settings; ``bf16+channels_last``;
 with ``--compile`` also the defaults plus train.compile), one fresh process alternates rounds of
   ref   a plain U-Net step on L_simple, written here: the same network (built from the same model
@@ -149,6 +150,7 @@ def _worker(args: argparse.Namespace) -> None:
 STEP_VARIANTS = {  # name: overrides of the params file's train section
     "defaults": {},
     "fp32": {"mixed_precision": "no"},
+    "importance t": {"timestep_sampler": "importance"},
     "fp32, unfused AdamW": {"mixed_precision": "no", "fused_optimizer": False},
     "bf16+channels_last": {"mixed_precision": "bf16", "channels_last": True},
     "defaults+compile": {"compile": True},
