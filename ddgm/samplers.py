@@ -41,9 +41,13 @@ def timestep_subset(num_steps: int, count: int) -> list[int]:
 
 
 def respaced_diffusion(diffusion: GaussianDiffusion, steps: list[int]) -> GaussianDiffusion:
-    """The diffusion over levels ``steps`` only: beta'_i = 1 - abar_{s_i} / abar_{s_{i-1}}."""
+    """The diffusion over levels ``steps`` only: beta'_i = 1 - abar_{s_i} / abar_{s_{i-1}}.
+
+    Where the ratio is below 2^-53 (levels of nearly pure noise merged, e.g. several betas clipped
+    at 0.999), 1 - ratio rounds to 1; beta'_i is then the largest double below 1."""
     abar = diffusion.abar64[[0, *steps]]
-    return GaussianDiffusion(1.0 - abar[1:] / abar[:-1]).to(diffusion.abar.device)
+    betas = np.minimum(1.0 - abar[1:] / abar[:-1], np.nextafter(1.0, 0.0))
+    return GaussianDiffusion(betas).to(diffusion.abar.device)
 
 
 def _start(model: DDGM, num_samples: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -250,6 +250,23 @@ def test_respaced_diffusion_keeps_abar_on_the_subset(model) -> None:
     np.testing.assert_allclose(spaced.beta[1:].double().numpy(), expected, rtol=1e-6)
 
 
+def test_respaced_diffusion_over_merged_pure_noise_levels() -> None:
+    """Merging levels whose betas are clipped at 0.999 makes abar_{s_i} / abar_{s_{i-1}} < 2^-53, so
+    1 - ratio rounds to 1; the respaced beta stays just below 1 and the posterior stays finite.
+    (Ho's linear schedule scaled to T=10 does this when respaced to 2 steps.)"""
+    from ddgm.diffusion import GaussianDiffusion
+
+    original = GaussianDiffusion(np.array([0.01] + [0.999] * 9))
+    assert 1.0 - original.abar64[10] / original.abar64[1] == 1.0  # the rounding this guards against
+    spaced = respaced_diffusion(original, [1, 10])
+    assert spaced.num_steps == 2 and spaced.abar64[2] < 1e-15
+    assert float(spaced.beta[1]) == pytest.approx(0.01) and 0.999 < float(spaced.beta[2]) <= 1.0
+    x, z = torch.rand(4, 3) * 2 - 1, torch.randn(4, 3)
+    mean, log_var = spaced.q_posterior(x, z, torch.full((4,), 2))
+    assert torch.isfinite(mean).all() and torch.isfinite(log_var).all()
+    torch.testing.assert_close(mean, math.sqrt(0.99) * x)  # z_T carries nothing about z_1 any more
+
+
 # --- validation -----------------------------------------------------------------------------
 
 
