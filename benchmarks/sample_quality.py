@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     floor = frechet_distance(classifier, test_x, train_x, k)
     report: dict = {"sampler": args.sampler, "eta": args.eta, "floor_train_vs_test": floor, "steps": {}}
     print(f"sampler {args.sampler}" + (f", eta {args.eta}" if args.sampler == "ddim" else ""))
-    print(f"floor (train {len(train_x)} vs test {len(test_x)}): {report['floor_train_vs_test']:.2f}")
+    print(f"floor (train {len(train_x)} vs test {len(test_x)}): {floor:.2f}")
     print(f"{args.sampler + ' steps':>10}  {'FD mean':>8}  {'std':>6}  {'min':>6}  {'max':>6}  "
           f"{'FD ' + str(args.large) if args.large else 'FD large':>9}  {'ratio to floor':>14}  {'s/1000':>6}")
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             large = distance(args.large, steps, 10_000) if args.large else None
             row = {"mean": statistics.fmean(draws), "std": statistics.stdev(draws) if len(draws) > 1 else 0.0,
                    "draws": draws, "large": large, "seconds_per_1000": seconds}
-            row["ratio_to_floor"] = row["mean"] / report["floor_train_vs_test"]
+            row["ratio_to_floor"] = row["mean"] / floor
             report["steps"][str(steps)] = row
             print(f"{steps:>10}  {row['mean']:>8.2f}  {row['std']:>6.2f}  {min(draws):>6.2f}  {max(draws):>6.2f}  "
                   f"{'-' if large is None else f'{large:.2f}':>9}  {row['ratio_to_floor']:>14.3f}  {seconds:>6.2f}")
