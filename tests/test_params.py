@@ -56,7 +56,7 @@ def test_applying_a_preset_sets_its_keys_and_keeps_the_rest_and_the_comments(tmp
     comments = [line.split("#", 1)[1] for line in target.read_text().splitlines() if "#" in line]
     preset = ROOT / "presets" / "article.yaml"
     apply_main([str(preset), "--params", str(target)])
-    assert "19 key(s) set" in capsys.readouterr().out
+    assert "20 key(s) set" in capsys.readouterr().out
     assert yaml.safe_load(target.read_text()) == apply_preset(params_yaml(), yaml.safe_load(preset.read_text()))
     assert [line.split("#", 1)[1] for line in target.read_text().splitlines() if "#" in line] == comments
     assert load_params(target).model.formulation == "article"

@@ -643,3 +643,18 @@ def test_training_step_draws_t_from_the_configured_sampler(tmp_path, sampler, un
     assert isinstance(training_step.sampler, ImportanceSampler) == (sampler == "importance")
     if sampler == "importance":
         assert training_step.sampler.uniform_mix == uniform_mix
+
+
+def test_ema_decay_is_the_ceiling_of_the_ema_warm_up(tmp_path):
+    """ema-pytorch warms the EMA decay up: update n uses min(train.ema_decay, 1 - n^(-2/3)). params.yaml
+    and the README say so (0.997 at the default 6000 steps; 0.999 only from update 31,623 on)."""
+    from accelerate import Accelerator
+
+    params = params_from_dict(tiny(tmp_path, ema_decay=0.999))
+    config = ModelConfig.build(params.model, params.diffusion, (1, 8, 8), 17)
+    ema = step_module.build_training_step(params.train, config, Accelerator(cpu=True)).ema
+    for updates, decay in ((6000, 1 - 6000 ** (-2 / 3)), (20_000, 1 - 20_000 ** (-2 / 3)), (40_000, 0.999),
+                           (100_000, 0.999)):
+        ema.step.fill_(updates)  # the count after the update that reads the decay
+        assert ema.get_current_decay() == pytest.approx(decay, abs=1e-6), updates
+    assert 1 - 6000 ** (-2 / 3) == pytest.approx(0.997, abs=5e-4)

@@ -39,7 +39,7 @@ class TrainConfig:
     lr_decay: str = "cosine"
     min_lr_ratio: float = 0.1
     max_steps: int = 6000
-    batch_size: int = 64  # global: over all processes and accumulation steps
+    batch_size: int = 128  # global: over all processes and accumulation steps
     grad_accum: int = 1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
