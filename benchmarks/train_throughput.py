@@ -5,7 +5,7 @@ Usage: python benchmarks/train_throughput.py [--params params.yaml] [--shards DI
 
 Every row runs the real training loop (``ddgm.training.loop.train``) in a fresh process on the
 model, objective and global batch of ``--params`` (by default params.yaml: U-Net, learned variance,
-random-t ELBO with uniform t, batch 64) and reads the loop's own ``train/images_per_s`` (global:
+random-t ELBO with uniform t, batch 128) and reads the loop's own ``train/images_per_s`` (global:
 all processes) for each step after ``--warmup`` steps:
 
   (a) 1 process, the shard TrainLoader (what pipeline.train uses)
